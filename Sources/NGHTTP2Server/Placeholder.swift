@@ -1,0 +1,1 @@
+// Placeholder until the NGHTTP2Server layer lands.

@@ -1,0 +1,1 @@
+// Placeholder until the StreamingJSON layer lands.
