@@ -41,7 +41,7 @@ let package = Package(
             .product(name: "NIOCore", package: "swift-nio"),
         ]),
         .target(name: "GRPCServer", dependencies: [
-            "NGHTTP2Server", "OpenSSLTLS", "Protos",
+            "NGHTTP2Server", "Protos",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),

@@ -1,0 +1,106 @@
+import Dispatch
+import Foundation
+import GRPCServer
+import Logging
+import NIOCore
+import NIOPosix
+
+/// The running process: listeners, health, and the signal-driven drain.
+final class EPPApp: Sendable {
+    let servers: [GRPCServer]
+    let health: HealthStatusStore
+    let logger: Logger
+    let drainTimeout: Double
+    let group: MultiThreadedEventLoopGroup
+
+    private init(servers: [GRPCServer], health: HealthStatusStore, logger: Logger, drainTimeout: Double, group: MultiThreadedEventLoopGroup) {
+        self.servers = servers
+        self.health = health
+        self.logger = logger
+        self.drainTimeout = drainTimeout
+        self.group = group
+    }
+
+    static let extProcServiceName = "envoy.service.ext_proc.v3.ExternalProcessor"
+
+    static func start(_ options: EPPCommand, logger: Logger) async throws -> EPPApp {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: System.coreCount)
+        let health = HealthStatusStore([
+            "": .serving, "liveness": .serving, "readiness": .serving, extProcServiceName: .serving,
+        ])
+        let tls = try makeTLS(options, logger: logger)
+
+        var mainServices: [any GRPCService] = [HealthService(store: health)]
+        if options.enableTestEchoService { mainServices.append(EchoService()) }
+
+        var main = GRPCServer.Configuration(host: options.bindAddress, port: options.grpcPort, services: mainServices)
+        main.maxMessageBytes = options.maxMessageBytes
+        main.tls = tls
+        var healthOnly = GRPCServer.Configuration(host: options.bindAddress, port: options.grpcHealthPort, services: [HealthService(store: health)])
+        healthOnly.tls = tls
+
+        var servers: [GRPCServer] = []
+        for (name, config) in [("ext_proc", main), ("health", healthOnly)] {
+            let server = try await GRPCServer.start(configuration: config, group: group, logger: logger)
+            servers.append(server)
+            logger.info("listening", metadata: [
+                "listener": "\(name)", "address": "\(server.localAddress.map { "\($0)" } ?? "?")",
+                "tls": "\(tls != nil)",
+            ])
+        }
+        return EPPApp(servers: servers, health: health, logger: logger, drainTimeout: options.drainTimeout, group: group)
+    }
+
+    /// Serves until SIGTERM or SIGINT, then drains: GOAWAY, in-flight streams finish (up to the
+    /// drain timeout), exit.
+    func runUntilSignalled() async {
+        await waitForTerminationSignal()
+        logger.info("shutting down", metadata: ["drain-timeout": "\(drainTimeout)"])
+        for (_, status) in health.all.enumerated() where status.key != "liveness" { health.set(status.key, .notServing) }
+        for s in servers { s.initiateGracefulShutdown() }
+        let deadline = DispatchTime.now().uptimeNanoseconds + UInt64(max(0, drainTimeout) * 1e9)
+        while servers.contains(where: { $0.connectionCount > 0 }) && DispatchTime.now().uptimeNanoseconds < deadline {
+            try? await Task.sleep(for: .milliseconds(20))
+        }
+        let left = servers.reduce(0) { $0 + $1.connectionCount }
+        if left > 0 { logger.warning("drain timeout reached; closing remaining connections", metadata: ["connections": "\(left)"]) }
+        for s in servers { await s.close() }
+        try? await group.shutdownGracefully()
+        logger.info("stopped")
+    }
+
+    private func waitForTerminationSignal() async {
+        await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+            let queue = DispatchQueue(label: "epp.signals")
+            let once = SignalOnce(continuation)
+            for sig in [SIGTERM, SIGINT] {
+                signal(sig, SIG_IGN)
+                let source = DispatchSource.makeSignalSource(signal: sig, queue: queue)
+                source.setEventHandler { once.fire() }
+                source.resume()
+                SignalOnce.keep(source)
+            }
+        }
+    }
+}
+
+/// Resumes the waiting task on the first signal only.
+private final class SignalOnce: @unchecked Sendable {
+    private var continuation: CheckedContinuation<Void, Never>?
+    private static let sourcesLock = NSLock()
+    nonisolated(unsafe) private static var sources: [any DispatchSourceSignal] = []
+
+    init(_ continuation: CheckedContinuation<Void, Never>) { self.continuation = continuation }
+
+    /// Only called on the signal queue (serial), so no lock is needed for `continuation`.
+    func fire() {
+        continuation?.resume()
+        continuation = nil
+    }
+
+    static func keep(_ source: any DispatchSourceSignal) {
+        sourcesLock.lock()
+        sources.append(source)
+        sourcesLock.unlock()
+    }
+}

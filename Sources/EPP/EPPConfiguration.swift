@@ -1,0 +1,78 @@
+import ArgumentParser
+import Logging
+
+/// Command-line flags, named as in the reference EPP so existing manifests work unchanged.
+public struct EPPCommand: AsyncParsableCommand {
+    public static let configuration = CommandConfiguration(
+        commandName: "epp",
+        abstract: "Envoy ext_proc endpoint picker for LLM inference (InferencePool / InferenceModelRewrite).")
+
+    @Option(help: "ext_proc gRPC port (also serves grpc.health.v1).") var grpcPort = 9002
+    @Option(help: "Separate gRPC health port.") var grpcHealthPort = 9003
+    @Option(help: "Prometheus metrics port.") var metricsPort = 9090
+    @Option(help: "Address every listener binds to.") var bindAddress = "0.0.0.0"
+    @Option(help: "Serve TLS (ALPN h2); false serves plaintext h2c.") var secureServing = true
+    @Option(help: "Directory with tls.crt and tls.key (reloaded on change); default: a generated self-signed certificate.") var certPath: String?
+    @Option(help: "Seconds in-flight streams may take after SIGTERM/SIGINT.") var drainTimeout: Double = 30
+    @Option(help: "Largest gRPC message accepted, in bytes.") var maxMessageBytes = 4 << 20
+    @Option(help: "trace, debug, info, notice, warning, error or critical.") var logLevel = "info"
+    @Option(help: .hidden) var enableTestEchoService = false
+
+    @Option(help: "Standalone endpoints: ip:port,ip:port (IPv6 as [addr]:port).") var endpoints: String?
+    @Option(help: "Standalone mode: directory of InferenceModelRewrite / InferenceObjective manifests, watched.") var configDir: String?
+    @Option(help: "InferencePool this EPP serves (rewrites apply when their poolRef names it).") var poolName = ""
+    @Option(help: "Namespace of the pool (default: the service account's, else default).") var poolNamespace: String?
+    @Option(help: "API group of the pool: inference.networking.k8s.io or inference.networking.x-k8s.io.") var poolGroup = "inference.networking.k8s.io"
+    @Option(help: "kubeconfig path (default: in-cluster, $KUBECONFIG, ~/.kube/config).") var kubeconfig: String?
+    @Option(help: "Sticky split key: a request header name, or body:FIELD for a top-level body string.") var splitAffinityHeader: String?
+    @Option(help: "Restore the client's model name in responses.") var restoreModelAlias = true
+    @Option(help: "Largest request body accepted (413 above).") var maxRequestBodyBytes = 64 << 20
+
+    public init() {}
+
+    public func run() async throws {
+        var logger = Logger(label: "epp")
+        let level = Logger.Level(rawValue: logLevel.lowercased()) ?? .info
+        LoggingSystem.bootstrap { JSONLogHandler(label: $0, level: level) }
+        logger = Logger(label: "epp")
+        logger.logLevel = level
+        let app = try await EPPApp.start(self, logger: logger)
+        await app.runUntilSignalled()
+    }
+
+    /// Accepts Go-style flags as Kubernetes manifests pass them: `-flag`, `--flag=value` and a bare
+    /// boolean `--flag` meaning true.
+    public static func normalize(_ arguments: [String]) -> [String] {
+        let booleans: Set<String> = ["--secure-serving", "--restore-model-alias", "--enable-test-echo-service"]
+        var out: [String] = []
+        var i = 0
+        while i < arguments.count {
+            var arg = arguments[i]
+            if arg.hasPrefix("-") && !arg.hasPrefix("--") && arg.count > 2 && !(arg.dropFirst().first?.isNumber ?? false) {
+                arg = "-" + arg
+            }
+            if booleans.contains(arg) {
+                let next = i + 1 < arguments.count ? arguments[i + 1] : nil
+                if let next, next == "true" || next == "false" {
+                    out.append("\(arg)=\(next)")
+                    i += 2
+                    continue
+                }
+                out.append("\(arg)=true")
+            } else {
+                out.append(arg)
+            }
+            i += 1
+        }
+        return out
+    }
+}
+
+/// Lets `main` run the parsed command asynchronously without knowing its concrete type.
+public protocol AsyncParsableCommandRunnable {
+    mutating func runAsync() async throws
+}
+
+extension EPPCommand: AsyncParsableCommandRunnable {
+    public mutating func runAsync() async throws { try await run() }
+}

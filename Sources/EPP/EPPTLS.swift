@@ -1,0 +1,5 @@
+import Logging
+import NIOCore
+extension EPPApp {
+    static func makeTLS(_ options: EPPCommand, logger: Logger) throws -> (@Sendable () throws -> any ChannelHandler)? { nil }
+}

@@ -1,1 +1,0 @@
-// Placeholder until the NGHTTP2Server layer lands.
