@@ -1,0 +1,285 @@
+import Foundation
+import Yams
+import Atomics
+
+/// A problem in a manifest file; `line` is 1-based (0 when unknown).
+public struct ManifestError: Error, Sendable, Equatable, CustomStringConvertible {
+    public var file: String
+    public var line: Int
+    public var message: String
+    public init(file: String, line: Int, message: String) {
+        self.file = file
+        self.line = line
+        self.message = message
+    }
+    public var description: String { "\(file):\(line): \(message)" }
+}
+
+/// The resources found in one file.
+public struct ManifestFileResult: Sendable, Equatable {
+    public var rewrites: [InferenceModelRewrite] = []
+    public var objectives: [InferenceObjective] = []
+    public var pools: [InferencePool] = []
+    /// Informational notes (e.g. ignored kinds).
+    public var notes: [String] = []
+    public init() {}
+}
+
+/// The merged view of a manifest directory.
+public struct ManifestSnapshot: Sendable, Equatable {
+    /// In file-name order, then document order (the tiebreak for missing timestamps).
+    public var rewrites: [InferenceModelRewrite] = []
+    public var objectives: [InferenceObjective] = []
+    public var pools: [InferencePool] = []
+    /// Errors of this load; the files concerned keep their previous good contents.
+    public var errors: [ManifestError] = []
+    public var notes: [String] = []
+    /// Per-file good results, to pass as `previous` to the next load.
+    public var files: [String: ManifestFileResult] = [:]
+    public init() {}
+}
+
+/// Loads standalone manifests (InferenceModelRewrite, InferenceObjective, InferencePool).
+public enum ManifestLoader {
+    /// File name suffixes that are read.
+    public static let extensions = [".yaml", ".yml", ".json"]
+
+    /// Manifest files in `directory` (sorted; hidden files skipped).
+    public static func manifestFiles(in directory: String) -> [String] {
+        let names = (try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? []
+        return names.filter { n in !n.hasPrefix(".") && extensions.contains(where: { n.hasSuffix($0) }) }.sorted()
+    }
+
+    /// Loads every manifest file of `directory`. A file that fails keeps its entry from
+    /// `previous` (keyed by file name) and contributes an error.
+    public static func load(directory: String, previous: [String: ManifestFileResult] = [:]) -> ManifestSnapshot {
+        var snap = ManifestSnapshot()
+        var isDir: ObjCBool = false
+        guard FileManager.default.fileExists(atPath: directory, isDirectory: &isDir), isDir.boolValue else {
+            snap.errors.append(ManifestError(file: directory, line: 0, message: "not a readable directory"))
+            snap.files = previous
+            merge(into: &snap)
+            return snap
+        }
+        for name in manifestFiles(in: directory) {
+            let path = (directory as NSString).appendingPathComponent(name)
+            guard let data = FileManager.default.contents(atPath: path) else {
+                snap.errors.append(ManifestError(file: name, line: 0, message: "cannot read file"))
+                if let p = previous[name] { snap.files[name] = p }
+                continue
+            }
+            guard let text = String(data: data, encoding: .utf8) else {
+                snap.errors.append(ManifestError(file: name, line: 0, message: "file is not UTF-8"))
+                if let p = previous[name] { snap.files[name] = p }
+                continue
+            }
+            do {
+                snap.files[name] = try parse(text, file: name)
+            } catch {
+                snap.errors.append(error)
+                if let p = previous[name] { snap.files[name] = p }
+            }
+        }
+        merge(into: &snap)
+        return snap
+    }
+
+    private static func merge(into snap: inout ManifestSnapshot) {
+        for name in snap.files.keys.sorted() {
+            let f = snap.files[name]!
+            snap.rewrites += f.rewrites
+            snap.objectives += f.objectives
+            snap.pools += f.pools
+            snap.notes += f.notes
+        }
+    }
+
+    /// Parses one file's text (YAML, multi-document, or JSON).
+    public static func parse(_ text: String, file: String) throws(ManifestError) -> ManifestFileResult {
+        var result = ManifestFileResult()
+        let parser: Parser
+        do {
+            parser = try Parser(yaml: text)
+        } catch {
+            throw manifestError(error, file: file, root: nil)
+        }
+        var docIndex = 0
+        while true {
+            let node: Node?
+            do { node = try parser.nextRoot() } catch { throw manifestError(error, file: file, root: nil) }
+            guard let node else { break }
+            docIndex += 1
+            let line = node.mark?.line ?? 0
+            guard case .mapping(let map) = node else {
+                if case .scalar(let s) = node, s.string.isEmpty || s.string == "~" || s.string == "null" { continue }
+                throw ManifestError(file: file, line: line, message: "document \(docIndex) is not a mapping")
+            }
+            let kind = map["kind"]?.string
+            let apiVersion = map["apiVersion"]?.string
+            guard let kind, let apiVersion else {
+                throw ManifestError(file: file, line: line, message: "document \(docIndex) lacks apiVersion or kind")
+            }
+            do {
+                switch kind {
+                case "InferenceModelRewrite" where InferenceAPI.routingAPIVersions.contains(apiVersion):
+                    var r = try YAMLDecoder().decode(InferenceModelRewrite.self, from: node)
+                    if r.metadata.namespace?.isEmpty ?? true { r.metadata.namespace = "default" }
+                    result.rewrites.append(r)
+                case "InferenceObjective" where InferenceAPI.routingAPIVersions.contains(apiVersion):
+                    var o = try YAMLDecoder().decode(InferenceObjective.self, from: node)
+                    if o.metadata.namespace?.isEmpty ?? true { o.metadata.namespace = "default" }
+                    result.objectives.append(o)
+                case "InferencePool" where InferenceAPI.poolAPIVersions.contains(apiVersion):
+                    var p = try YAMLDecoder().decode(InferencePool.self, from: node)
+                    if p.metadata.namespace?.isEmpty ?? true { p.metadata.namespace = "default" }
+                    result.pools.append(p)
+                default:
+                    result.notes.append("\(file):\(line): ignoring \(kind) (\(apiVersion))")
+                }
+            } catch {
+                throw manifestError(error, file: file, root: node)
+            }
+        }
+        return result
+    }
+
+    /// Turns Yams / decoding errors into a located ManifestError.
+    static func manifestError(_ error: any Error, file: String, root: Node?) -> ManifestError {
+        if let e = error as? ManifestError { return e }
+        if let y = error as? YamlError {
+            switch y {
+            case .scanner(_, let problem, let mark, _), .parser(_, let problem, let mark, _), .composer(_, let problem, let mark, _):
+                return ManifestError(file: file, line: mark.line, message: "YAML syntax error: \(problem)")
+            default:
+                return ManifestError(file: file, line: 0, message: "YAML error: \(y)")
+            }
+        }
+        if let d = error as? DecodingError {
+            let (path, what): ([any CodingKey], String)
+            switch d {
+            case .keyNotFound(let key, let ctx):
+                (path, what) = (ctx.codingPath, "missing required field '\(describe(ctx.codingPath + [key]))'")
+            case .typeMismatch(let type, let ctx):
+                (path, what) = (ctx.codingPath, "wrong type at '\(describe(ctx.codingPath))': expected \(type)")
+            case .valueNotFound(let type, let ctx):
+                (path, what) = (ctx.codingPath, "missing value at '\(describe(ctx.codingPath))': expected \(type)")
+            case .dataCorrupted(let ctx):
+                (path, what) = (ctx.codingPath, "invalid value at '\(describe(ctx.codingPath))': \(ctx.debugDescription)")
+            @unknown default:
+                (path, what) = ([], "\(d)")
+            }
+            let line = root.flatMap { locate(path, in: $0) } ?? root?.mark?.line ?? 0
+            return ManifestError(file: file, line: line, message: what)
+        }
+        return ManifestError(file: file, line: root?.mark?.line ?? 0, message: "\(error)")
+    }
+
+    private static func describe(_ path: [any CodingKey]) -> String {
+        path.map { k in k.intValue.map { "[\($0)]" } ?? ".\(k.stringValue)" }.joined().drop(while: { $0 == "." }).description
+    }
+
+    /// Line of the deepest node along `path`.
+    private static func locate(_ path: [any CodingKey], in root: Node) -> Int? {
+        var node = root
+        var line = root.mark?.line
+        for key in path {
+            var next: Node?
+            var nextLine: Int?
+            switch node {
+            case .mapping(let m):
+                // Report the key's line: a mapping value starts on the line after its key.
+                if let pair = m.first(where: { $0.key.string == key.stringValue }) {
+                    next = pair.value
+                    nextLine = pair.key.mark?.line
+                }
+            case .sequence(let s):
+                if let i = key.intValue, i < s.count { next = s[i]; nextLine = s[i].mark?.line }
+            default: next = nil
+            }
+            guard let n = next else { break }
+            node = n
+            if let l = nextLine { line = l }
+        }
+        return line
+    }
+}
+
+/// Polls a manifest directory and reports merged snapshots on change.
+///
+/// Polling (names + mtime in ns + size + inode) is simple and robust for ConfigMap symlink
+/// swaps and editors' atomic renames. Runs on its own thread, never on an event loop.
+public final class ConfigDirectoryWatcher: Sendable {
+    public let directory: String
+    public let interval: Duration
+    private let onChange: @Sendable (ManifestSnapshot) -> Void
+    private let stopped = ManagedAtomic<Bool>(false)
+    private let started = ManagedAtomic<Bool>(false)
+
+    /// - Parameter onChange: called on the watcher thread with the first snapshot at start and
+    ///   after every detected change.
+    public init(directory: String, interval: Duration = .milliseconds(250),
+                onChange: @escaping @Sendable (ManifestSnapshot) -> Void) {
+        self.directory = directory
+        self.interval = interval
+        self.onChange = onChange
+    }
+
+    /// Loads once synchronously and returns the snapshot (for startup), without starting.
+    public func loadNow() -> ManifestSnapshot { ManifestLoader.load(directory: directory) }
+
+    /// Starts the polling thread. The initial snapshot is delivered from that thread.
+    public func start() {
+        guard started.compareExchange(expected: false, desired: true, ordering: .acquiringAndReleasing).exchanged else { return }
+        let thread = Thread { [self] in self.run() }
+        thread.name = "config-dir-watcher"
+        thread.start()
+    }
+
+    /// Stops polling (within one interval).
+    public func stop() { stopped.store(true, ordering: .releasing) }
+
+    private func run() {
+        var previous: [String: ManifestFileResult] = [:]
+        var lastSignature: [FileSignature]?
+        let (secs, attos) = interval.components
+        let micros = max(1_000, Int(secs) * 1_000_000 + Int(attos / 1_000_000_000_000))
+        while !stopped.load(ordering: .acquiring) {
+            let sig = Self.signature(of: directory)
+            if sig != lastSignature {
+                lastSignature = sig
+                let snap = ManifestLoader.load(directory: directory, previous: previous)
+                previous = snap.files
+                onChange(snap)
+            }
+            var slept = 0
+            while slept < micros && !stopped.load(ordering: .relaxed) {
+                let step = min(50_000, micros - slept)
+                usleep(useconds_t(step))
+                slept += step
+            }
+        }
+    }
+
+    struct FileSignature: Equatable {
+        var name: String
+        var mtimeNanos: Int64
+        var size: Int64
+        var inode: UInt64
+    }
+
+    static func signature(of directory: String) -> [FileSignature] {
+        var out: [FileSignature] = []
+        for name in ManifestLoader.manifestFiles(in: directory) {
+            let path = directory.hasSuffix("/") ? directory + name : directory + "/" + name
+            var st = stat()
+            guard stat(path, &st) == 0 else { out.append(FileSignature(name: name, mtimeNanos: -1, size: -1, inode: 0)); continue }
+            #if canImport(Darwin)
+            let mt = Int64(st.st_mtimespec.tv_sec) * 1_000_000_000 + Int64(st.st_mtimespec.tv_nsec)
+            #else
+            let mt = Int64(st.st_mtim.tv_sec) * 1_000_000_000 + Int64(st.st_mtim.tv_nsec)
+            #endif
+            out.append(FileSignature(name: name, mtimeNanos: mt, size: Int64(st.st_size), inode: UInt64(st.st_ino)))
+        }
+        return out
+    }
+}
