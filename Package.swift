@@ -60,6 +60,7 @@ let package = Package(
         ]),
         .target(name: "ExtProc", dependencies: [
             "GRPCServer", "Protos", "StreamingJSON", "InferenceRouting",
+            .product(name: "Atomics", package: "swift-atomics"),
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "Logging", package: "swift-log"),
             .product(name: "SwiftProtobuf", package: "swift-protobuf"),

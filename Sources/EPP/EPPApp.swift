@@ -1,4 +1,6 @@
 import Dispatch
+import ExtProc
+import InferenceRouting
 import Foundation
 import GRPCServer
 import Logging
@@ -30,7 +32,15 @@ final class EPPApp: Sendable {
         ])
         let tls = try makeTLS(options, logger: logger)
 
-        var mainServices: [any GRPCService] = [HealthService(store: health)]
+        let source = try makeSource(options, logger: logger)
+        var extProc = ExtProcConfiguration()
+        extProc.affinity = .init(flag: options.splitAffinityHeader)
+        extProc.restoreModelAlias = options.restoreModelAlias
+        extProc.maxRequestBodyBytes = options.maxRequestBodyBytes
+        var mainServices: [any GRPCService] = [
+            HealthService(store: health),
+            ExtProcService(configuration: extProc, state: source.state, logger: logger),
+        ]
         if options.enableTestEchoService { mainServices.append(EchoService()) }
 
         var main = GRPCServer.Configuration(host: options.bindAddress, port: options.grpcPort, services: mainServices)
@@ -48,7 +58,22 @@ final class EPPApp: Sendable {
                 "tls": "\(tls != nil)",
             ])
         }
+        source.start()
         return EPPApp(servers: servers, health: health, logger: logger, drainTimeout: options.drainTimeout, group: group)
+    }
+
+    private static func makeSource(_ options: EPPCommand, logger: Logger) throws -> StandaloneSource {
+        var endpoints: [Endpoint] = []
+        if let list = options.endpoints, !list.isEmpty {
+            do {
+                endpoints = try EndpointSet.parse(list: list)
+            } catch {
+                throw ValidationFailure("--endpoints: \(error)")
+            }
+        }
+        return StandaloneSource(configDir: options.configDir, endpoints: endpoints,
+                                poolName: options.poolName.isEmpty ? nil : options.poolName,
+                                poolGroup: options.poolGroup, logger: logger)
     }
 
     /// Serves until SIGTERM or SIGINT, then drains: GOAWAY, in-flight streams finish (up to the
@@ -82,6 +107,11 @@ final class EPPApp: Sendable {
             }
         }
     }
+}
+
+struct ValidationFailure: Error, CustomStringConvertible {
+    let description: String
+    init(_ d: String) { description = d }
 }
 
 /// Resumes the waiting task on the first signal only.

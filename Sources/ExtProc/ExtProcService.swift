@@ -1,0 +1,57 @@
+import GRPCServer
+import Logging
+
+/// How requests are picked and rewritten; fixed at start.
+public struct ExtProcConfiguration: Sendable {
+    /// Where the sticky-split key comes from.
+    public enum Affinity: Sendable, Equatable {
+        case none
+        /// A request header (lower-case name).
+        case header(String)
+        /// A top-level string field of the JSON body, e.g. `user`.
+        case bodyField(String)
+
+        /// Parses `--split-affinity-header`: `NAME` or `body:FIELD`.
+        public init(flag: String?) {
+            guard let flag, !flag.isEmpty else { self = .none; return }
+            if flag.hasPrefix("body:") {
+                self = .bodyField(String(flag.dropFirst(5)))
+            } else {
+                self = .header(flag.lowercased())
+            }
+        }
+    }
+
+    public var affinity: Affinity = .none
+    /// Put the client's model name back into responses.
+    public var restoreModelAlias = true
+    /// Request bodies above this are refused with 413.
+    public var maxRequestBodyBytes = 64 << 20
+
+    public init() {}
+}
+
+/// `envoy.service.ext_proc.v3.ExternalProcessor/Process`.
+public struct ExtProcService: GRPCService {
+    public static let serviceName = "envoy.service.ext_proc.v3.ExternalProcessor"
+    let configuration: ExtProcConfiguration
+    let state: RoutingState
+    let logger: Logger
+
+    public init(configuration: ExtProcConfiguration, state: RoutingState, logger: Logger) {
+        self.configuration = configuration
+        self.state = state
+        self.logger = logger
+    }
+
+    public var methods: [GRPCMethod] {
+        let configuration = self.configuration
+        let state = self.state
+        let logger = self.logger
+        return [
+            GRPCMethod(path: "/\(Self.serviceName)/Process") { _ in
+                ProcessStream(configuration: configuration, state: state, logger: logger)
+            }
+        ]
+    }
+}

@@ -1,0 +1,505 @@
+import Foundation
+import GRPCServer
+import InferenceRouting
+import Logging
+import NIOCore
+import Protos
+import StreamingJSON
+import SwiftProtobuf
+
+/// One ext_proc `Process` stream = one HTTP request through the gateway.
+///
+/// A synchronous state machine on the connection's event loop: every ProcessingRequest is handled
+/// to completion when it arrives, replies go out in wire order, nothing blocks. Request side:
+/// headers are held (FULL_DUPLEX_STREAMED) until the top-level `model` has streamed past, then the
+/// routing reply goes out and the body follows chunk by chunk with only the model value changed.
+/// Response side: chunks are echoed at once, with the client's model name restored.
+final class ProcessStream: GRPCStreamHandler {
+    private let configuration: ExtProcConfiguration
+    private let state: RoutingState
+    private let logger: Logger
+    private var rng = FastRandom()
+
+    private var snapshot: RoutingSnapshot?
+    private var requestMode: BodySendMode = .none
+    private var responseMode: BodySendMode = .none
+    private var sawRequestHeaders = false
+    /// After an ImmediateResponse the gateway is done with this stream; ignore the rest.
+    private var done = false
+
+    // Request side
+    private var info = RequestInfo()
+    private var scanner: RequestBodyScanner
+    private var bodyBytes = 0
+    private var headersReplied = false
+    private var routed = false
+    /// Body chunks received before routing, not yet sent back; `heldOffset` is the absolute offset
+    /// of the first.
+    private var held: [Data] = []
+    private var heldOffset = 0
+    private var requestBodyEnded = false
+    private var generatedRequestID: String?
+
+    // Routing outcome
+    private var clientModel: String?
+    private var targetModel: String?
+    private var rewriteName: String?
+    private var endpoint: EndpointRecord?
+    /// Bytes replacing the model value (with quotes), when the model changes.
+    private var modelReplacement: [UInt8]?
+
+    // Response side
+    private var rewriter: ResponseModelRewriter?
+    private var segments: [OutputSegment] = []
+
+    init(configuration: ExtProcConfiguration, state: RoutingState, logger: Logger) {
+        self.configuration = configuration
+        self.state = state
+        self.logger = logger
+        var scan = RequestBodyScanner.Configuration()
+        if case .bodyField(let field) = configuration.affinity { scan.affinityField = field }
+        scanner = RequestBodyScanner(configuration: scan)
+    }
+
+    // MARK: GRPCStreamHandler
+
+    func received(_ message: ByteBuffer, on stream: GRPCServerStream) {
+        guard !done else { return }
+        guard let request = stream.decode(ProcessingRequest.self, from: message) else {
+            release()
+            return
+        }
+        switch request.request {
+        case .requestHeaders(let headers)?:
+            onRequestHeaders(headers, request, stream)
+        case .requestBody(let body)?:
+            onRequestBody(body, stream)
+        case .requestTrailers?:
+            onRequestTrailers(stream)
+        case .responseHeaders(let headers)?:
+            onResponseHeaders(headers, stream)
+        case .responseBody(let body)?:
+            onResponseBody(body, stream)
+        case .responseTrailers?:
+            onResponseTrailers(stream)
+        case nil:
+            protocolViolation("ProcessingRequest without a request phase", stream)
+        }
+    }
+
+    func receivedEnd(on stream: GRPCServerStream) {
+        release()
+        stream.finish(.ok)
+    }
+
+    func cancelled(_ stream: GRPCServerStream) {
+        release()
+    }
+
+    /// Ends in-flight accounting for the chosen endpoint (once).
+    private func release() {
+        endpoint?.end()
+        endpoint = nil
+    }
+
+    // MARK: Request headers
+
+    private func onRequestHeaders(_ headers: Envoy_Service_ExtProc_V3_HttpHeaders, _ request: ProcessingRequest, _ stream: GRPCServerStream) {
+        guard !sawRequestHeaders else { return protocolViolation("second request_headers", stream) }
+        sawRequestHeaders = true
+        if request.hasProtocolConfig {
+            requestMode = request.protocolConfig.requestBodyMode
+            responseMode = request.protocolConfig.responseBodyMode
+        } else {
+            // Gateways that predate protocol_config expect a prompt headers reply.
+            requestMode = .streamed
+            responseMode = .streamed
+        }
+        var affinityHeader: String?
+        if case .header(let name) = configuration.affinity { affinityHeader = name }
+        info = RequestInfo(headers, metadata: request.hasMetadataContext ? request.metadataContext : nil, affinityHeader: affinityHeader)
+        snapshot = state.snapshot
+        if info.requestID == nil { generatedRequestID = rng.uuidString() }
+
+        if headers.endOfStream {
+            // No body (GET and friends): route now.
+            requestBodyEnded = true
+            routeAndReplyHeaders(stream)
+            return
+        }
+        switch requestMode {
+        case .fullDuplexStreamed:
+            break  // hold the reply until the model is known
+        case .buffered, .bufferedPartial:
+            // The body comes whole, after this reply; routing goes into the body reply.
+            headersReplied = true
+            stream.send(Replies.requestHeaders(Replies.common(nil), metadata: nil))
+        default:
+            // STREAMED or NONE: Envoy forwards headers after this reply, so route on headers.
+            routeAndReplyHeaders(stream)
+        }
+    }
+
+    // MARK: Request body
+
+    private func onRequestBody(_ body: Envoy_Service_ExtProc_V3_HttpBody, _ stream: GRPCServerStream) {
+        guard sawRequestHeaders, !requestBodyEnded else { return protocolViolation("unexpected request_body", stream) }
+        let chunk = body.body
+        bodyBytes += chunk.count
+        if bodyBytes > configuration.maxRequestBodyBytes {
+            return fail(.tooLarge(limit: configuration.maxRequestBodyBytes), stream)
+        }
+        var progress = chunk.withUnsafeBytes { scanner.feed($0) }
+        if body.endOfStream {
+            requestBodyEnded = true
+            progress = scanner.finish()
+        }
+        if case .invalid(let error) = progress, info.api.requiresModel {
+            return fail(.badRequest("invalid JSON body: \(error)", details: "epp_invalid_json"), stream)
+        }
+        switch requestMode {
+        case .fullDuplexStreamed:
+            duplexBody(chunk, endOfStream: body.endOfStream, stream)
+        case .buffered, .bufferedPartial:
+            bufferedBody(chunk, endOfStream: body.endOfStream, stream)
+        default:
+            streamedBody(chunk, endOfStream: body.endOfStream, stream)
+        }
+    }
+
+    private func duplexBody(_ chunk: Data, endOfStream: Bool, _ stream: GRPCServerStream) {
+        if routed {
+            if endOfStream, let error = finalValidation() { return fail(error, stream) }
+            sendRequestBody(chunk, endOfStream: endOfStream, stream)
+            return
+        }
+        held.append(chunk)
+        if endOfStream {
+            if let error = finalValidation() { return fail(error, stream) }
+        } else if !readyToRoute() {
+            return
+        }
+        routeAndReplyHeaders(stream)
+        guard !done else { return }
+        flushHeld(endOfStream: endOfStream, stream)
+    }
+
+    /// STREAMED: routed on headers already; each chunk gets one reply replacing it. Bytes before the
+    /// end of the model value are held (replaced by nothing) until the rewrite is known.
+    private func streamedBody(_ chunk: Data, endOfStream: Bool, _ stream: GRPCServerStream) {
+        if endOfStream, let error = finalValidation() { return fail(error, stream) }
+        if rewriteDecided {
+            stream.send(Replies.bodyReplace(nil, request: true))
+            return
+        }
+        held.append(chunk)
+        if !endOfStream && !readyToRoute() {
+            stream.send(Replies.bodyReplace(Data(), request: true))
+            return
+        }
+        decideModel()
+        rewriteDecided = true
+        stream.send(Replies.bodyReplace(takeHeld(), request: true))
+    }
+
+    /// STREAMED: the model rewrite is known and the rest of the body passes unchanged.
+    private var rewriteDecided = false
+
+    /// BUFFERED: the whole body in one message; route and rewrite in the body reply.
+    private func bufferedBody(_ chunk: Data, endOfStream: Bool, _ stream: GRPCServerStream) {
+        held.append(chunk)
+        if endOfStream, let error = finalValidation() { return fail(error, stream) }
+        guard let decision = route(stream) else { return }
+        stream.send(Replies.bodyReplace(takeHeld(), headers: decision.mutation, clearRouteCache: true,
+                                        metadata: decision.metadata, request: true))
+    }
+
+    /// Whether enough of the body is known to route (FULL_DUPLEX) or to rewrite (STREAMED).
+    private func readyToRoute() -> Bool {
+        switch scanner.progress {
+        case .invalid:
+            return true  // only reachable for pass-through APIs
+        case .complete:
+            return true
+        case .modelAvailable:
+            if case .bodyField = configuration.affinity, scanner.affinityValue == nil { return false }
+            return true
+        case .incomplete:
+            return false
+        }
+    }
+
+    /// Checks made once the whole body has been scanned.
+    private func finalValidation() -> PickerError? {
+        guard info.api.requiresModel else { return nil }
+        if case .invalid(let error) = scanner.progress {
+            return .badRequest("invalid JSON body: \(error)", details: "epp_invalid_json")
+        }
+        guard let type = scanner.modelType else {
+            return .badRequest("missing required field: model", details: "epp_missing_model")
+        }
+        if scanner.modelValue == nil {
+            return .badRequest("field model must be a string, got \(type.rawValue)", details: "epp_invalid_model")
+        }
+        if let required = info.api.requiredField, !scanner.hasKey(required) {
+            return .badRequest("missing required field: \(required)", details: "epp_missing_field")
+        }
+        return nil
+    }
+
+    private func onRequestTrailers(_ stream: GRPCServerStream) {
+        guard sawRequestHeaders else { return protocolViolation("unexpected request_trailers", stream) }
+        if !requestBodyEnded && requestMode == .fullDuplexStreamed {
+            // Trailers end the body: finish it (end_of_stream false, the trailers follow).
+            requestBodyEnded = true
+            if case .invalid(let error) = scanner.finish(), info.api.requiresModel, bodyBytes > 0 {
+                return fail(.badRequest("invalid JSON body: \(error)", details: "epp_invalid_json"), stream)
+            }
+            if bodyBytes > 0, let error = finalValidation() { return fail(error, stream) }
+            if !routed {
+                routeAndReplyHeaders(stream)
+                guard !done else { return }
+                if !held.isEmpty { flushHeld(endOfStream: false, stream) }
+            }
+        } else if !headersReplied {
+            routeAndReplyHeaders(stream)
+            guard !done else { return }
+        }
+        stream.send(Replies.trailers(request: true))
+    }
+
+    // MARK: Routing
+
+    private struct RouteDecision {
+        var mutation: HeaderMutation
+        var metadata: Google_Protobuf_Struct
+    }
+
+    /// Works out the target model (when the body was scanned) and the rewritten bytes.
+    private func decideModel() {
+        guard let snapshot else { return }
+        let model = scanner.modelValue
+        clientModel = model
+        var target = info.modelRewriteHeader ?? model
+        if let model {
+            var key: AffinityKey?
+            switch configuration.affinity {
+            case .header: key = info.affinityHeaderValue.map(AffinityKey.init)
+            case .bodyField: key = scanner.affinityValue.map(AffinityKey.init)
+            case .none: key = nil
+            }
+            if let decision = snapshot.rules.decide(model: model, affinity: key, using: &rng) {
+                target = decision.targetModel
+                rewriteName = decision.rewriteName
+            }
+        }
+        targetModel = target
+        if let model, let target, target != model, scanner.modelRange != nil {
+            modelReplacement = JSONStringEncoding.quoted(target)
+        }
+    }
+
+    /// Picks the endpoint and builds the routing mutation; answers 503 itself when there is none.
+    private func route(_ stream: GRPCServerStream) -> RouteDecision? {
+        guard let snapshot else { return nil }
+        decideModel()
+        guard let record = snapshot.endpoints.pick(subset: info.subset, using: &rng) else {
+            let why = info.subset != nil ? "no endpoint matches the gateway's subset hint" : "no ready endpoints in the pool"
+            fail(.noEndpoints(why), stream)
+            return nil
+        }
+        record.begin()
+        endpoint = record
+        routed = true
+        let address = record.endpoint.address
+        var mutation = HeaderMutation()
+        mutation.setHeaders.append(Replies.setHeader(WireNames.destinationHeader, address))
+        if let id = generatedRequestID {
+            mutation.setHeaders.append(Replies.setHeader(WireNames.requestIDHeader, id))
+        }
+        if let length = info.contentLength, let replacement = modelReplacement, let range = scanner.modelRange {
+            // Other gateways forward content-length: keep it true to the rewritten body.
+            let newLength = length - range.count + replacement.count
+            mutation.setHeaders.append(Replies.setHeader("content-length", String(newLength)))
+        }
+        if logger.logLevel <= .debug {
+            logger.debug("routed", metadata: [
+                "request-id": "\(info.requestID ?? generatedRequestID ?? "")", "model": "\(clientModel ?? "")",
+                "target-model": "\(targetModel ?? "")", "rewrite": "\(rewriteName ?? "")", "endpoint": "\(address)",
+            ])
+        }
+        return RouteDecision(mutation: mutation, metadata: Replies.destinationMetadata(address))
+    }
+
+    private func routeAndReplyHeaders(_ stream: GRPCServerStream) {
+        guard let decision = route(stream) else { return }
+        headersReplied = true
+        stream.send(Replies.requestHeaders(Replies.common(decision.mutation, clearRouteCache: true), metadata: decision.metadata))
+    }
+
+    // MARK: Sending the request body back
+
+    /// Sends every held chunk, with the model value spliced, as ≤ 62,000-byte pieces.
+    private func flushHeld(endOfStream: Bool, _ stream: GRPCServerStream) {
+        let body = takeHeld()
+        sendRequestBody(body, endOfStream: endOfStream, stream)
+    }
+
+    /// The held chunks as one body with the model value replaced.
+    private func takeHeld() -> Data {
+        defer {
+            for c in held { heldOffset += c.count }
+            held.removeAll(keepingCapacity: true)
+        }
+        guard let replacement = modelReplacement, let range = scanner.modelRange,
+              range.lowerBound >= heldOffset else {
+            return held.count == 1 ? held[0] : held.reduce(into: Data()) { $0.append($1) }
+        }
+        let total = held.reduce(0) { $0 + $1.count }
+        guard range.upperBound <= heldOffset + total else {
+            return held.reduce(into: Data()) { $0.append($1) }
+        }
+        var out = Data(capacity: total - range.count + replacement.count)
+        var offset = heldOffset
+        var inserted = false
+        for chunk in held {
+            let start = offset, end = offset + chunk.count
+            offset = end
+            let base = chunk.startIndex
+            // Bytes before the model value, the replacement once, bytes after it.
+            let beforeEnd = min(end, range.lowerBound)
+            if beforeEnd > start { out.append(chunk[base ..< base + (beforeEnd - start)]) }
+            if !inserted && end >= range.lowerBound {
+                out.append(contentsOf: replacement)
+                inserted = true
+            }
+            let afterStart = max(start, range.upperBound)
+            if end > afterStart { out.append(chunk[base + (afterStart - start) ..< base + chunk.count]) }
+        }
+        return out
+    }
+
+    private func sendRequestBody(_ body: Data, endOfStream: Bool, _ stream: GRPCServerStream) {
+        if body.count <= WireNames.maxBodyChunk {
+            stream.send(Replies.streamedBody(body, endOfStream: endOfStream, request: true))
+            return
+        }
+        var start = body.startIndex
+        while start < body.endIndex {
+            let end = min(start + WireNames.maxBodyChunk, body.endIndex)
+            stream.send(Replies.streamedBody(body[start..<end], endOfStream: endOfStream && end == body.endIndex, request: true))
+            start = end
+        }
+    }
+
+    // MARK: Response
+
+    private func onResponseHeaders(_ headers: Envoy_Service_ExtProc_V3_HttpHeaders, _ stream: GRPCServerStream) {
+        var contentType: String?
+        for h in headers.headers.headers where h.key == "content-type" {
+            contentType = RequestInfo.value(h)
+        }
+        var replacement: String?
+        if configuration.restoreModelAlias, let client = clientModel, let target = targetModel, client != target {
+            replacement = client
+        }
+        rewriter = ResponseModelRewriter(mode: ResponseModelRewriter.mode(forContentType: contentType), replacement: replacement)
+        var mutation = HeaderMutation()
+        if let target = targetModel {
+            mutation.setHeaders.append(Replies.setHeader(WireNames.targetModelHeader, target))
+        }
+        if replacement != nil && responseMode != .none {
+            // The body may change length.
+            mutation.removeHeaders.append("content-length")
+        }
+        stream.send(Replies.responseHeaders(mutation.setHeaders.isEmpty && mutation.removeHeaders.isEmpty ? nil : mutation))
+        if headers.endOfStream { finishResponse() }
+    }
+
+    private func onResponseBody(_ body: Envoy_Service_ExtProc_V3_HttpBody, _ stream: GRPCServerStream) {
+        if rewriter == nil { rewriter = ResponseModelRewriter(mode: .passthrough, replacement: nil) }
+        segments.removeAll(keepingCapacity: true)
+        let chunk = body.body
+        chunk.withUnsafeBytes { rewriter!.process($0, into: &segments) }
+        if body.endOfStream { rewriter!.finish(into: &segments) }
+        let out = assemble(chunk)
+        switch responseMode {
+        case .fullDuplexStreamed:
+            if out.isEmpty && !body.endOfStream { break }
+            if out.count <= WireNames.maxBodyChunk {
+                stream.send(Replies.streamedBody(out, endOfStream: body.endOfStream, request: false))
+            } else {
+                var start = out.startIndex
+                while start < out.endIndex {
+                    let end = min(start + WireNames.maxBodyChunk, out.endIndex)
+                    stream.send(Replies.streamedBody(out[start..<end], endOfStream: body.endOfStream && end == out.endIndex, request: false))
+                    start = end
+                }
+            }
+        default:
+            let unchanged = segments.count == 1 && segments[0] == .input(0..<chunk.count)
+            stream.send(Replies.bodyReplace(unchanged ? nil : out, request: false))
+        }
+        if body.endOfStream { finishResponse() }
+    }
+
+    /// Joins rewriter output: the chunk itself when nothing changed (no copy).
+    private func assemble(_ chunk: Data) -> Data {
+        if segments.count == 1, case .input(let r) = segments[0], r == 0..<chunk.count { return chunk }
+        var out = Data()
+        for s in segments {
+            switch s {
+            case .input(let r): out.append(chunk[chunk.startIndex + r.lowerBound ..< chunk.startIndex + r.upperBound])
+            case .bytes(let b): out.append(contentsOf: b)
+            }
+        }
+        return out
+    }
+
+    private func onResponseTrailers(_ stream: GRPCServerStream) {
+        if var rewriter {
+            segments.removeAll(keepingCapacity: true)
+            rewriter.finish(into: &segments)
+            self.rewriter = rewriter
+            // Held bytes at this point can only be a truncated document; they were partly sent
+            // already in pass-through, so nothing more can be added after the body ended.
+        }
+        stream.send(Replies.trailers(request: false))
+        finishResponse()
+    }
+
+    private func finishResponse() {
+        if let usage = rewriter?.usage, logger.logLevel <= .debug {
+            logger.debug("response complete", metadata: [
+                "request-id": "\(info.requestID ?? generatedRequestID ?? "")",
+                "prompt-tokens": "\(usage.promptTokens ?? -1)", "completion-tokens": "\(usage.completionTokens ?? -1)",
+                "cached-tokens": "\(usage.cachedTokens ?? -1)",
+            ])
+        }
+        release()
+    }
+
+    // MARK: Errors
+
+    /// Answers the HTTP request with an error from the gateway and stops processing.
+    private func fail(_ error: PickerError, _ stream: GRPCServerStream) {
+        guard !done else { return }
+        done = true
+        release()
+        if error.status >= 500 {
+            logger.warning("request refused", metadata: ["status": "\(error.status)", "reason": "\(error.message)", "path": "\(info.path)"])
+        } else if logger.logLevel <= .info {
+            logger.info("request refused", metadata: ["status": "\(error.status)", "reason": "\(error.message)", "path": "\(info.path)"])
+        }
+        stream.send(Replies.immediate(error, requestID: info.requestID ?? generatedRequestID))
+        stream.finish(.ok)
+    }
+
+    /// The gateway broke the ext_proc protocol: end this stream only.
+    private func protocolViolation(_ what: String, _ stream: GRPCServerStream) {
+        done = true
+        release()
+        logger.warning("ext_proc protocol violation", metadata: ["what": "\(what)"])
+        stream.finish(GRPCStatus(.failedPrecondition, "ext_proc protocol violation: \(what)"))
+    }
+}

@@ -1,0 +1,84 @@
+import Foundation
+import Protos
+
+/// The OpenAI-compatible API a request path names, and the body field it requires.
+enum InferenceAPIKind {
+    case completions, chatCompletions, embeddings, responses, conversations, other
+
+    init(path: String) {
+        var p = Substring(path)
+        if let q = p.firstIndex(where: { $0 == "?" || $0 == "#" }) { p = p[..<q] }
+        while p.hasSuffix("/") { p = p.dropLast() }
+        if p.hasSuffix("/chat/completions") { self = .chatCompletions }
+        else if p.hasSuffix("/completions") { self = .completions }
+        else if p.hasSuffix("/embeddings") { self = .embeddings }
+        else if p.hasSuffix("/responses") { self = .responses }
+        else if p.hasSuffix("/conversations") { self = .conversations }
+        else { self = .other }
+    }
+
+    /// The top-level field a valid request must carry.
+    var requiredField: String? {
+        switch self {
+        case .completions: return "prompt"
+        case .chatCompletions: return "messages"
+        case .embeddings, .responses: return "input"
+        case .conversations, .other: return nil
+        }
+    }
+
+    /// Whether the body must be a JSON object naming a model (else it passes through as is).
+    var requiresModel: Bool { self != .other && self != .conversations }
+}
+
+/// What the picker needs from the request headers.
+struct RequestInfo {
+    var path = ""
+    var method = ""
+    var contentLength: Int?
+    var requestID: String?
+    var affinityHeaderValue: String?
+    var modelRewriteHeader: String?
+    var objective: String?
+    /// `ip:port` list from the gateway's subset hint; nil when absent (all endpoints allowed).
+    var subset: [String]?
+    var api: InferenceAPIKind = .other
+
+    init() {}
+
+    init(_ message: Envoy_Service_ExtProc_V3_HttpHeaders, metadata: Envoy_Config_Core_V3_Metadata?, affinityHeader: String?) {
+        for header in message.headers.headers {
+            let key = header.key
+            guard let first = key.utf8.first else { continue }
+            // Only a few names matter; skip the rest before decoding any value.
+            switch first {
+            case UInt8(ascii: ":"):
+                if key == ":path" { path = Self.value(header) } else if key == ":method" { method = Self.value(header) }
+            case UInt8(ascii: "c"):
+                if key == "content-length" { contentLength = Int(Self.value(header)) }
+            case UInt8(ascii: "x"):
+                if key == WireNames.requestIDHeader { requestID = Self.value(header) }
+                else if WireNames.modelRewriteHeaders.contains(key) { modelRewriteHeader = Self.value(header) }
+                else if WireNames.objectiveHeaders.contains(key) { objective = Self.value(header) }
+            default:
+                break
+            }
+            if let affinityHeader, key == affinityHeader { affinityHeaderValue = Self.value(header) }
+        }
+        api = InferenceAPIKind(path: path)
+        if let hint = metadata?.filterMetadata[WireNames.subsetHintNamespace]?.fields[WireNames.subsetHintKey] {
+            if case .listValue(let list)? = hint.kind {
+                subset = list.values.compactMap { if case .stringValue(let s)? = $0.kind { return s } else { return nil } }
+            } else if case .stringValue(let s)? = hint.kind {
+                subset = s.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
+            } else {
+                subset = []
+            }
+        }
+    }
+
+    /// Envoy sends values in `raw_value`; older versions in `value`.
+    static func value(_ header: Envoy_Config_Core_V3_HeaderValue) -> String {
+        header.rawValue.isEmpty ? header.value : String(decoding: header.rawValue, as: UTF8.self)
+    }
+}
