@@ -28,7 +28,7 @@ final class GRPCConnection: HTTP2ServerApplication {
     private let router: GRPCRouter
     private let maxMessageBytes: Int
     private let logger: Logger
-    private unowned(unsafe) var connection: HTTP2ServerConnection!
+    private var connection: HTTP2ServerConnection!
     private var calls: [HTTP2StreamID: Call] = [:]
 
     /// Request-side state of one stream.
@@ -117,7 +117,8 @@ final class GRPCConnection: HTTP2ServerApplication {
             return
         }
         if let timeout = call.timeoutNanos {
-            stream.deadline = connection.eventLoop.assumeIsolated().scheduleTask(in: .nanoseconds(timeout)) { [weak self, unowned stream] in
+            stream.deadline = connection.eventLoop.assumeIsolated().scheduleTask(in: .nanoseconds(timeout)) { [weak self, weak stream] in
+                guard let stream else { return }
                 self?.deadlineExceeded(stream)
             }
         }

@@ -7,7 +7,8 @@ public final class GRPCServerStream {
     public let eventLoop: any EventLoop
     public var allocator: ByteBufferAllocator { ProtobufBytes.allocator }
 
-    unowned(unsafe) let connection: GRPCConnection
+    // Strong: a handler may keep its stream after the connection is gone; `isClosed` then guards.
+    let connection: GRPCConnection
     var handler: (any GRPCStreamHandler)?
     var headersSent = false
     /// True once the status went out or the stream died; everything after is ignored.

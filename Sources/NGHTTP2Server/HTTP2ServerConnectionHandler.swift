@@ -184,7 +184,7 @@ public final class HTTP2ServerConnection {
     public let eventLoop: any EventLoop
     /// True once the transport is gone; sends are then ignored.
     public internal(set) var isClosed = false
-    private unowned let handler: HTTP2ServerConnectionHandler
+    private weak var handler: HTTP2ServerConnectionHandler?
 
     init(session: HTTP2ServerSession, handler: HTTP2ServerConnectionHandler, eventLoop: any EventLoop) {
         self.session = session
@@ -194,6 +194,6 @@ public final class HTTP2ServerConnection {
 
     /// Makes sure what was queued goes out soon (coalesced per read cycle or loop tick).
     public func flushSoon() {
-        if !isClosed { handler.flushSoon() }
+        if !isClosed { handler?.flushSoon() }
     }
 }
