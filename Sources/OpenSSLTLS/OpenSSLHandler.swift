@@ -66,6 +66,7 @@ public final class OpenSSLHandler: ChannelDuplexHandler, RemovableChannelHandler
     private var state = State.idle
     private var pendingWrites = CircularBuffer<PendingWrite>(initialCapacity: 8)
     private var flushedWriteCount = 0  // leading entries of pendingWrites covered by a flush
+    private var encrypting = false     // inside encryptAndFlush (a downstream write may re-enter flush())
     private var readBuffer: ByteBuffer?
     private var readPending = false    // downstream asked for read() and got no plaintext yet
     private var outputClosed = false   // close(mode: .output) sent close_notify
@@ -328,7 +329,9 @@ public final class OpenSSLHandler: ChannelDuplexHandler, RemovableChannelHandler
 
     public func flush(context: ChannelHandlerContext) {
         flushedWriteCount = pendingWrites.count
-        if state == .active {
+        // Re-entered from a downstream write (e.g. a writability change handler flushing): the running
+        // encryptAndFlush loop picks the newly flushed writes up, keeping order.
+        if state == .active && !encrypting {
             encryptAndFlush(context: context)
         }
     }
@@ -402,25 +405,27 @@ public final class OpenSSLHandler: ChannelDuplexHandler, RemovableChannelHandler
     }
 
     /// Encrypts the flushed plaintext writes, prefixed by any pending handshake output, and writes+flushes the
-    /// ciphertext. The write promises cascade from the last ciphertext write.
+    /// ciphertext (in chunks of about `writeChunkSize`). The write promises cascade from the last ciphertext write.
     private func encryptAndFlush(context: ChannelHandlerContext) {
         guard let ssl, let wbio else { return }
-        let count = flushedWriteCount
-        flushedWriteCount = 0
         var plaintextBytes = 0
-        for index in 0..<count {
-            plaintextBytes += pendingWrites[pendingWrites.index(pendingWrites.startIndex, offsetBy: index)].data.readableBytes
+        var index = pendingWrites.startIndex
+        for _ in 0..<flushedWriteCount {
+            plaintextBytes += pendingWrites[index].data.readableBytes
+            index = pendingWrites.index(after: index)
         }
         // TLS 1.2/1.3 AEAD records add at most ~30 bytes per 16 KiB record.
-        let estimate = Int(BIO_ctrl_pending(wbio)) + plaintextBytes + (plaintextBytes / 16384 + count + 1) * 32
-        var out = context.channel.allocator.buffer(capacity: min(estimate, Self.writeChunkSize + 64 * 1024))
+        let estimate = Int(BIO_ctrl_pending(wbio)) + plaintextBytes + (plaintextBytes / 16384 + flushedWriteCount + 1) * 32
+        let chunkCapacity = min(estimate, Self.writeChunkSize + 64 * 1024)
+        var out = context.channel.allocator.buffer(capacity: chunkCapacity)
         drainWriteBIO(into: &out)
         var lead: EventLoopPromise<Void>?
         var wroteChunk = false
         var failure: TLSError?
         ERR_clear_error()
-        for _ in 0..<count {
-            let write = pendingWrites.removeFirst()
+        encrypting = true
+        while flushedWriteCount > 0, let write = pendingWrites.popFirst() {
+            flushedWriteCount -= 1
             if let promise = write.promise {
                 if let lead { lead.futureResult.cascade(to: promise) } else { lead = promise }
             }
@@ -440,11 +445,12 @@ public final class OpenSSLHandler: ChannelDuplexHandler, RemovableChannelHandler
             }
             drainWriteBIO(into: &out)
             if out.readableBytes >= Self.writeChunkSize {
-                context.write(wrapOutboundOut(out), promise: nil)
+                context.write(wrapOutboundOut(out), promise: nil)  // may re-enter flush(): see `encrypting`
                 wroteChunk = true
-                out = context.channel.allocator.buffer(capacity: min(estimate, Self.writeChunkSize + 64 * 1024))
+                out = context.channel.allocator.buffer(capacity: chunkCapacity)
             }
         }
+        encrypting = false
         if let failure {
             lead?.fail(failure)
             if wroteChunk { context.flush() }

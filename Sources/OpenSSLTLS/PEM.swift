@@ -10,7 +10,7 @@ func readCertificates(pem: [UInt8], what: String) throws -> [OpaquePointer] {
         }
         defer { BIO_free(bio) }
         var certs: [OpaquePointer] = []
-        while let cert = PEM_read_bio_X509(bio, nil, nil, nil) {
+        while let cert = PEM_read_bio_X509(bio, nil, noPasswordCallback, nil) {
             certs.append(cert)
         }
         // The loop ends with PEM_R_NO_START_LINE at end of input; anything else is a real parse error.
@@ -32,7 +32,7 @@ func readPrivateKey(pem: [UInt8], what: String) throws -> OpaquePointer {
             throw TLSError.drainingQueue("cannot allocate BIO for \(what)")
         }
         defer { BIO_free(bio) }
-        guard let key = PEM_read_bio_PrivateKey(bio, nil, nil, nil) else {
+        guard let key = PEM_read_bio_PrivateKey(bio, nil, noPasswordCallback, nil) else {
             throw TLSError.drainingQueue("no usable private key in \(what)")
         }
         return key

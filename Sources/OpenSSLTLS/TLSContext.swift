@@ -173,6 +173,8 @@ public final class TLSContext: @unchecked Sendable {
             throw TLSError.drainingQueue("cannot configure TLS versions/ciphers")
         }
         shim_SSL_CTX_set_default_options(ctx)
+        // Encrypted key files fail cleanly instead of OpenSSL prompting on the terminal.
+        SSL_CTX_set_default_passwd_cb(ctx, noPasswordCallback)
         return ctx
     }
 
@@ -205,6 +207,11 @@ public final class TLSContext: @unchecked Sendable {
             if X509_STORE_add_cert(store, cert) != 1 { ERR_clear_error() }
         }
     }
+}
+
+/// Password callback that supplies none: encrypted PEM keys are refused, never prompted for.
+let noPasswordCallback: @convention(c) (UnsafeMutablePointer<CChar>?, Int32, Int32, UnsafeMutableRawPointer?) -> Int32 = {
+    _, _, _, _ in 0
 }
 
 /// An ALPN protocol list in wire format (length-prefixed names), owned by a server TLSContext and

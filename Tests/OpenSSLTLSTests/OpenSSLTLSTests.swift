@@ -56,6 +56,14 @@ final class OpenSSLTLSTests: XCTestCase {
     }
 
     func testLargeEchoKeepsOrder() throws {
+        try largeEcho(flushOnWritabilityChange: false)
+    }
+
+    func testLargeEchoWithReentrantFlushesKeepsOrder() throws {
+        try largeEcho(flushOnWritabilityChange: true)
+    }
+
+    private func largeEcho(flushOnWritabilityChange: Bool) throws {
         let server = try selfSignedServer()
         let recorder = ServerRecorder()
         let listener = try startTLSServer(group: group, recorder: recorder) { server }
@@ -63,25 +71,46 @@ final class OpenSSLTLSTests: XCTestCase {
 
         let chunkSize = 64 * 1024
         let chunkCount = 256  // 16 MiB
-        var expected = [UInt8](repeating: 0, count: chunkSize * chunkCount)
-        for i in expected.indices { expected[i] = UInt8(truncatingIfNeeded: (i &* 7) ^ (i >> 16)) }
+        // Every 64 KiB chunk: a pattern, stamped with its index at both ends (order check), built cheaply
+        // (debug builds are slow at per-byte loops over 16 MiB).
+        var pattern = [UInt8](repeating: 0, count: chunkSize)
+        for i in pattern.indices { pattern[i] = UInt8(truncatingIfNeeded: i &* 7 &+ i >> 8) }
+        func chunk(_ index: Int) -> ByteBuffer {
+            var buffer = ByteBuffer(bytes: pattern)
+            buffer.setInteger(UInt32(index), at: 0)
+            buffer.setInteger(UInt32(index), at: chunkSize - 4)
+            return buffer
+        }
+        let totalBytes = chunkSize * chunkCount
 
         let client = try connectTLSClient(
             group: group, port: listener.localAddress!.port!,
             tls: try makeClientContext(trusting: server.certificatePEM), hostname: "localhost",
-            expectedBytes: expected.count)
+            expectedBytes: totalBytes, flushOnWritabilityChange: flushOnWritabilityChange)
         XCTAssertEqual(try client.handshake.wait(seconds: 10), "h2")
         var lastWrite: EventLoopFuture<Void>?
-        for chunk in 0..<chunkCount {
-            let slice = expected[(chunk * chunkSize)..<((chunk + 1) * chunkSize)]
-            lastWrite = client.channel.write(ByteBuffer(bytes: slice))
-            if chunk % 16 == 15 { client.channel.flush() }
+        for index in 0..<chunkCount {
+            lastWrite = client.channel.write(chunk(index))
+            if index % 16 == 15 { client.channel.flush() }
         }
         client.channel.flush()
         XCTAssertNoThrow(try lastWrite!.wait(seconds: 60))
         let received = try client.received.wait(seconds: 120)
-        XCTAssertEqual(received.readableBytes, expected.count)
-        XCTAssertTrue(received.readableBytesView.elementsEqual(expected), "echoed bytes differ (order or content)")
+        XCTAssertEqual(received.readableBytes, totalBytes)
+        for index in 0..<chunkCount {
+            let got = received.getSlice(at: received.readerIndex + index * chunkSize, length: chunkSize)
+            guard got == chunk(index) else {
+                XCTFail("echoed chunk \(index) differs (order or content)")
+                break
+            }
+        }
+        if flushOnWritabilityChange {
+            let channel = client.channel
+            let changes = try channel.eventLoop.submit {
+                try channel.pipeline.syncOperations.handler(type: FlushOnWritabilityChange.self).changes
+            }.wait(seconds: 10)
+            XCTAssertGreaterThan(changes, 0, "the re-entrant path was exercised")
+        }
         XCTAssertEqual(recorder.errors.withLockedValue { $0 }, [])
     }
 
@@ -310,6 +339,14 @@ final class OpenSSLTLSTests: XCTestCase {
             trustRootsPEM: Array("not a certificate".utf8), trustRootsFile: nil, clientCertificatePEM: nil, clientKeyPEM: nil,
             insecureSkipVerify: false, alpn: []))
         XCTAssertThrowsError(try TLSContext.selfSignedServer(commonName: "x", dnsNames: [], ipAddresses: [], alpn: [String(repeating: "a", count: 300)]))
+        // An encrypted key is refused (no password prompt on the terminal, no hang).
+        let (status, output) = try runOpenSSL(["pkey", "-in", dir + "/tls.key", "-aes256", "-passout", "pass:secret", "-out", dir + "/enc.key"])
+        XCTAssertEqual(status, 0, output)
+        XCTAssertThrowsError(try TLSContext.server(certificateChainFile: dir + "/tls.crt", privateKeyFile: dir + "/enc.key", alpn: []))
+        let encryptedPEM = try String(contentsOfFile: dir + "/enc.key", encoding: .utf8)
+        XCTAssertTrue(encryptedPEM.contains("ENCRYPTED"))
+        XCTAssertThrowsError(try TLSContext.server(
+            certificateChainPEM: Array(identity.certificatePEM.utf8), privateKeyPEM: Array(encryptedPEM.utf8), alpn: []))
         // Trust roots from a file work like PEM bytes.
         XCTAssertNoThrow(try TLSContext.client(
             trustRootsPEM: nil, trustRootsFile: dir + "/tls.crt", clientCertificatePEM: nil, clientKeyPEM: nil,

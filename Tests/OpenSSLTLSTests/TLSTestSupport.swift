@@ -160,7 +160,7 @@ struct ClientConnection {
 
 func connectTLSClient(
     group: EventLoopGroup, port: Int, tls: TLSContext?, hostname: String?, expectedBytes: Int = 0,
-    greeting: String? = nil, manualRead: Bool = false
+    greeting: String? = nil, manualRead: Bool = false, flushOnWritabilityChange: Bool = false
 ) throws -> ClientConnection {
     let loop = group.next()
     let collector = try loop.submit {
@@ -176,11 +176,17 @@ func connectTLSClient(
     }.wait(seconds: 10)
     let channel = try ClientBootstrap(group: loop)
         .channelOption(ChannelOptions.autoRead, value: !manualRead)
+        .channelOption(
+            ChannelOptions.writeBufferWaterMark,
+            value: flushOnWritabilityChange ? .init(low: 1024, high: 4096) : .init(low: 32 * 1024, high: 64 * 1024))
         .channelInitializer { channel in
             channel.eventLoop.makeCompletedFuture {
                 if let tls {
                     try channel.pipeline.syncOperations.addHandler(
                         OpenSSLHandler(context: tls, role: .client(serverHostname: hostname)))
+                }
+                if flushOnWritabilityChange {
+                    try channel.pipeline.syncOperations.addHandler(FlushOnWritabilityChange())
                 }
                 try channel.pipeline.syncOperations.addHandler(collector.value)
             }
@@ -208,4 +214,18 @@ func makeTemporaryDirectory() throws -> String {
 
 func writeFile(_ path: String, _ contents: String) throws {
     try contents.write(toFile: path, atomically: true, encoding: .utf8)
+}
+
+/// Flushes whenever writability changes, like HTTP/2 layers do. NIO fires the change synchronously from inside a
+/// downstream write, so this re-enters the TLS handler's flush while it is encrypting.
+final class FlushOnWritabilityChange: ChannelDuplexHandler {
+    typealias InboundIn = ByteBuffer
+    typealias OutboundIn = ByteBuffer
+    private(set) var changes = 0
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        changes += 1
+        context.flush()
+        context.fireChannelWritabilityChanged()
+    }
 }
