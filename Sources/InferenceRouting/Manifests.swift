@@ -114,33 +114,46 @@ public enum ManifestLoader {
                 if case .scalar(let s) = node, s.string.isEmpty || s.string == "~" || s.string == "null" { continue }
                 throw ManifestError(file: file, line: line, message: "document \(docIndex) is not a mapping")
             }
-            let kind = map["kind"]?.string
-            let apiVersion = map["apiVersion"]?.string
-            guard let kind, let apiVersion else {
-                throw ManifestError(file: file, line: line, message: "document \(docIndex) lacks apiVersion or kind")
-            }
-            do {
-                switch kind {
-                case "InferenceModelRewrite" where InferenceAPI.routingAPIVersions.contains(apiVersion):
-                    var r = try YAMLDecoder().decode(InferenceModelRewrite.self, from: node)
-                    if r.metadata.namespace?.isEmpty ?? true { r.metadata.namespace = "default" }
-                    result.rewrites.append(r)
-                case "InferenceObjective" where InferenceAPI.routingAPIVersions.contains(apiVersion):
-                    var o = try YAMLDecoder().decode(InferenceObjective.self, from: node)
-                    if o.metadata.namespace?.isEmpty ?? true { o.metadata.namespace = "default" }
-                    result.objectives.append(o)
-                case "InferencePool" where InferenceAPI.poolAPIVersions.contains(apiVersion):
-                    var p = try YAMLDecoder().decode(InferencePool.self, from: node)
-                    if p.metadata.namespace?.isEmpty ?? true { p.metadata.namespace = "default" }
-                    result.pools.append(p)
-                default:
-                    result.notes.append("\(file):\(line): ignoring \(kind) (\(apiVersion))")
-                }
-            } catch {
-                throw manifestError(error, file: file, root: node)
+            // `kind: List` (kubectl output): process its items like documents.
+            if let kind = map["kind"]?.string, kind == "List" || kind.hasSuffix("List"), case .sequence(let items)? = map["items"] {
+                for item in items { try add(item, file: file, what: "item", to: &result) }
+            } else {
+                try add(node, file: file, what: "document \(docIndex)", to: &result)
             }
         }
         return result
+    }
+
+    private static func add(_ node: Node, file: String, what: String, to result: inout ManifestFileResult) throws(ManifestError) {
+        let line = node.mark?.line ?? 0
+        guard case .mapping(let map) = node else {
+            throw ManifestError(file: file, line: line, message: "\(what) is not a mapping")
+        }
+        let kind = map["kind"]?.string
+        let apiVersion = map["apiVersion"]?.string
+        guard let kind, let apiVersion else {
+            throw ManifestError(file: file, line: line, message: "\(what) lacks apiVersion or kind")
+        }
+        do {
+            switch kind {
+            case "InferenceModelRewrite" where InferenceAPI.routingAPIVersions.contains(apiVersion):
+                var r = try YAMLDecoder().decode(InferenceModelRewrite.self, from: node)
+                if r.metadata.namespace?.isEmpty ?? true { r.metadata.namespace = "default" }
+                result.rewrites.append(r)
+            case "InferenceObjective" where InferenceAPI.routingAPIVersions.contains(apiVersion):
+                var o = try YAMLDecoder().decode(InferenceObjective.self, from: node)
+                if o.metadata.namespace?.isEmpty ?? true { o.metadata.namespace = "default" }
+                result.objectives.append(o)
+            case "InferencePool" where InferenceAPI.poolAPIVersions.contains(apiVersion):
+                var p = try YAMLDecoder().decode(InferencePool.self, from: node)
+                if p.metadata.namespace?.isEmpty ?? true { p.metadata.namespace = "default" }
+                result.pools.append(p)
+            default:
+                result.notes.append("\(file):\(line): ignoring \(kind) (\(apiVersion))")
+            }
+        } catch {
+            throw manifestError(error, file: file, root: node)
+        }
     }
 
     /// Turns Yams / decoding errors into a located ManifestError.

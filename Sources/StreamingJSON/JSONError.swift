@@ -101,6 +101,65 @@ enum ByteClass {
         }
     }
 
+    /// Length of the valid, complete UTF-8 sequence starting at `p[i]` (a byte ≥ 0x80),
+    /// or 0 if it is invalid or does not fit before `n`.
+    @inline(__always) @usableFromInline
+    static func validUTF8Length(_ p: UnsafePointer<UInt8>, _ i: Int, _ n: Int) -> Int {
+        let c = p[i]
+        if c < 0xC2 { return 0 }
+        if c < 0xE0 {
+            return i &+ 1 < n && p[i &+ 1] & 0xC0 == 0x80 ? 2 : 0
+        }
+        if c < 0xF0 {
+            guard i &+ 2 < n else { return 0 }
+            let c1 = p[i &+ 1]
+            let lo: UInt8 = c == 0xE0 ? 0xA0 : 0x80
+            let hi: UInt8 = c == 0xED ? 0x9F : 0xBF
+            return c1 >= lo && c1 <= hi && p[i &+ 2] & 0xC0 == 0x80 ? 3 : 0
+        }
+        if c < 0xF5 {
+            guard i &+ 3 < n else { return 0 }
+            let c1 = p[i &+ 1]
+            let lo: UInt8 = c == 0xF0 ? 0x90 : 0x80
+            let hi: UInt8 = c == 0xF4 ? 0x8F : 0xBF
+            return c1 >= lo && c1 <= hi && p[i &+ 2] & 0xC0 == 0x80 && p[i &+ 3] & 0xC0 == 0x80 ? 4 : 0
+        }
+        return 0
+    }
+
+    /// End index (the delimiter) of a valid JSON number starting at `p[i]` that is terminated
+    /// before `n`, or 0 if invalid or not known to be complete (the caller falls back).
+    @inline(__always) @usableFromInline
+    static func numberEnd(_ p: UnsafePointer<UInt8>, _ i: Int, _ n: Int) -> Int {
+        var j = i
+        if p[j] == UInt8(ascii: "-") { j &+= 1; if j >= n { return 0 } }
+        let first = p[j]
+        if first == UInt8(ascii: "0") {
+            j &+= 1
+        } else if first &- 0x31 < 9 {
+            j &+= 1
+            while j < n && p[j] &- 0x30 < 10 { j &+= 1 }
+        } else {
+            return 0
+        }
+        if j >= n { return 0 }
+        if p[j] == UInt8(ascii: ".") {
+            j &+= 1
+            if j >= n || p[j] &- 0x30 >= 10 { return 0 }
+            while j < n && p[j] &- 0x30 < 10 { j &+= 1 }
+            if j >= n { return 0 }
+        }
+        if p[j] | 0x20 == UInt8(ascii: "e") {
+            j &+= 1
+            if j < n && (p[j] == UInt8(ascii: "+") || p[j] == UInt8(ascii: "-")) { j &+= 1 }
+            if j >= n || p[j] &- 0x30 >= 10 { return 0 }
+            while j < n && p[j] &- 0x30 < 10 { j &+= 1 }
+            if j >= n { return 0 }
+        }
+        if p[j] &- 0x30 < 10 { return 0 } // leading zero: let the state machine report it
+        return j
+    }
+
     /// Word with every byte set to `b` (SWAR helpers).
     @inline(__always) @usableFromInline
     static func splat(_ b: UInt8) -> UInt64 { 0x0101_0101_0101_0101 &* UInt64(b) }

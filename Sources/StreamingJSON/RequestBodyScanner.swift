@@ -217,15 +217,24 @@ public struct RequestBodyScanner: Sendable {
             switch state {
             case .string:
                 if role == .skip {
-                    // Fast path: skip plain ASCII string content, 8 bytes at a time.
-                    while i &+ 8 <= n {
-                        let v = UnsafeRawPointer(p + i).loadUnaligned(as: UInt64.self)
-                        if ByteClass.hasStringSpecial(v) { break }
-                        i &+= 8
-                    }
-                    while i < n {
-                        let c = p[i]
-                        if c >= 0x20 && c < 0x80 && c != 0x22 && c != 0x5C { i &+= 1 } else { break }
+                    // Fast path: skip plain string content, ASCII 8 bytes at a time, complete
+                    // UTF-8 sequences validated inline. Anything else takes the state machine.
+                    fast: while true {
+                        while i &+ 8 <= n {
+                            let v = UnsafeRawPointer(p + i).loadUnaligned(as: UInt64.self)
+                            if ByteClass.hasStringSpecial(v) { break }
+                            i &+= 8
+                        }
+                        while i < n {
+                            let c = p[i]
+                            if c >= 0x20 && c < 0x80 && c != 0x22 && c != 0x5C { i &+= 1; continue }
+                            if c >= 0x80 {
+                                let len = ByteClass.validUTF8Length(p, i, n)
+                                if len > 0 { i &+= len; continue fast }
+                            }
+                            break fast
+                        }
+                        break
                     }
                     if i >= n { return }
                     stringByte(p[i], at: base + i)
@@ -249,6 +258,21 @@ public struct RequestBodyScanner: Sendable {
             case .value, .arrValueOrEnd:
                 if ByteClass.isWhitespace(b) { i &+= 1; continue }
                 if b == UInt8(ascii: "]") && state == .arrValueOrEnd { pop(); i &+= 1; continue }
+                if b &- 0x30 < 10 || b == UInt8(ascii: "-") {
+                    // Fast path: a number that ends within this chunk (e.g. token-id arrays).
+                    let end = ByteClass.numberEnd(p, i, n)
+                    if end > 0 {
+                        if depth == 1 && member == .model { modelType = .number }
+                        i = end
+                        if p[i] == UInt8(ascii: ",") && !topIsObject() {
+                            state = .value
+                            i &+= 1
+                        } else {
+                            state = .afterValue
+                        }
+                        continue
+                    }
+                }
                 startValue(b, at: base + i)
                 if state == .failed { return }
                 i &+= 1
@@ -270,7 +294,14 @@ public struct RequestBodyScanner: Sendable {
                 stringByte(b, at: base + i)
                 if state == .failed { return }
                 i &+= 1
-            case .numMinus, .numZero, .numInt, .numFracStart, .numFrac, .numExpStart, .numExpSign, .numExp:
+            case .numInt, .numFrac, .numExp:
+                // Fast path through digit runs.
+                var j = i
+                while j < n && p[j] &- 0x30 < 10 { j &+= 1 }
+                if j >= n { i = j; continue }
+                i = j
+                if numberByte(p[i], at: base + i) { i &+= 1 } else if state == .failed { return }
+            case .numMinus, .numZero, .numFracStart, .numExpStart, .numExpSign:
                 if numberByte(b, at: base + i) { i &+= 1 } else if state == .failed { return }
                 // else: the number ended; re-process `b` in .afterValue
             case .literal:
