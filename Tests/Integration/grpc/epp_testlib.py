@@ -193,22 +193,26 @@ class RawH2:
         self.flush()
         return sid
 
-    def data(self, sid: int, payload: bytes, end_stream: bool = False, deadline: float | None = None) -> None:
-        """Send respecting the peer's flow-control windows, pumping inbound frames while blocked."""
+    def data(self, sid: int, payload: bytes, end_stream: bool = False, deadline: float | None = None) -> bool:
+        """Send respecting the peer's flow-control windows, pumping inbound frames while blocked.
+        Returns False (without raising) if the server ended or reset the stream before all was sent."""
         deadline = deadline or (time.monotonic() + self.timeout)
         view = memoryview(payload)
         while True:
             if self.streams[sid].done:
-                raise h2.exceptions.StreamClosedError(sid)
+                return False
             window = min(self.conn.local_flow_control_window(sid), self.conn.max_outbound_frame_size)
             n = min(window, len(view))
             last = n == len(view)
             if n > 0 or (last and end_stream):
-                self.conn.send_data(sid, bytes(view[:n]), end_stream=last and end_stream)
+                try:
+                    self.conn.send_data(sid, bytes(view[:n]), end_stream=last and end_stream)
+                except h2.exceptions.StreamClosedError:
+                    return False
                 self.flush()
                 view = view[n:]
             if last:
-                return
+                return True
             if window == 0:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"flow-control window stayed closed on stream {sid}")

@@ -295,11 +295,12 @@ def test_gzip_from_grpcio_unimplemented(echo_server):
         assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED, err.value
 
 
-def test_uncompressed_message_with_grpc_encoding_header_is_fine(h2c_echo):
-    """grpc-encoding only matters for messages whose compressed flag is set."""
+def test_identity_encoding_header_is_fine(h2c_echo):
+    """grpc-encoding: identity with uncompressed messages is plain gRPC."""
     c = RawH2(h2c_echo.grpc_port)
     try:
-        st = c.unary(ECHO_UNARY, b"plain", extra=[("grpc-encoding", "gzip")])
+        st = c.unary(ECHO_UNARY, b"plain", extra=[("grpc-encoding", "identity"),
+                                                  ("grpc-accept-encoding", "identity,gzip")])
         assert st.grpc_status == "0", st
         assert split_grpc_frames(bytes(st.data)) == [b"plain"]
     finally:
@@ -336,5 +337,51 @@ def test_many_messages_in_one_data_frame(h2c_echo):
         st = c.wait_done(sid, timeout=10)
         assert st.grpc_status == "0", st
         assert split_grpc_frames(bytes(st.data)) == msgs
+    finally:
+        c.close()
+
+
+def test_slow_reader_gets_every_message(echo_server):
+    """Back-pressure must slow the client down, never lose or corrupt replies: 20 x 1 MiB on one Echo stream
+    while the client withholds WINDOW_UPDATE; once it stalls (or has sent all), the client reads everything
+    and must get all 20 messages intact, in order, then grpc-status 0."""
+    server = echo_server
+    n = 20
+    msgs = [bytes([i]) * 7 + bytes(range(256)) * 4096 for i in range(n)]
+    wire = b"".join(grpc_frame(m) for m in msgs)
+    c = RawH2(server.grpc_port, tls=server.secure, ack_data=False, timeout=30)
+    try:
+        c.pump(0.3)
+        sid = c.headers(ECHO)
+        sent, last_progress = 0, time.monotonic()
+        while sent < len(wire) and time.monotonic() - last_progress < 2.0 and not c.streams[sid].done:
+            w = min(c.conn.local_flow_control_window(sid), c.conn.max_outbound_frame_size)
+            if w <= 0:
+                c.pump(0.2)
+                continue
+            chunk = wire[sent:sent + w]
+            c.conn.send_data(sid, chunk)
+            c.flush()
+            sent += len(chunk)
+            last_progress = time.monotonic()
+        stalled_at = sent
+        # now read: return all credit and keep returning it
+        c.ack_data = True
+        if c.received_data_bytes:
+            c.conn.acknowledge_received_data(c.received_data_bytes, sid)
+        c.flush()
+        assert c.data(sid, wire[sent:], end_stream=True, deadline=time.monotonic() + 60) or c.streams[sid].done
+        st = c.wait_done(sid, 60)
+        print(f"client stalled after {stalled_at / MiB:.1f} MiB of {len(wire) / MiB:.1f} MiB; "
+              f"got {len(st.data)} bytes back, status {st.grpc_status}")
+        assert st.grpc_status == "0", st
+        if len(st.data) != len(wire):
+            try:
+                sizes = [len(m) for m in split_grpc_frames(bytes(st.data))]
+            except AssertionError as e:
+                sizes = str(e)
+            pytest.fail(f"echoed {len(st.data)} bytes for {len(wire)} sent (client stalled at {stalled_at}); "
+                        f"reply message sizes {sizes}")
+        assert split_grpc_frames(bytes(st.data)) == msgs, "replies reordered or corrupted"
     finally:
         c.close()
