@@ -238,9 +238,11 @@ public final class ConfigDirectoryWatcher: Sendable {
     }
 
     /// Loads once synchronously and returns the snapshot (for startup), without starting.
-    public func loadNow() -> ManifestSnapshot { ManifestLoader.load(directory: directory) }
+    /// The watcher then reports only later changes.
+    public func loadNow() -> ManifestSnapshot { poll(force: true)! }
 
-    /// Starts the polling thread. The initial snapshot is delivered from that thread.
+    /// Starts the polling thread. Unless `loadNow()` was used, the initial snapshot is
+    /// delivered from that thread.
     public func start() {
         guard started.compareExchange(expected: false, desired: true, ordering: .acquiringAndReleasing).exchanged else { return }
         let thread = Thread { [self] in self.run() }
@@ -251,19 +253,31 @@ public final class ConfigDirectoryWatcher: Sendable {
     /// Stops polling (within one interval).
     public func stop() { stopped.store(true, ordering: .releasing) }
 
-    private func run() {
+    /// Previous per-file results and the directory signature they were loaded from.
+    private final class PollState: @unchecked Sendable {
+        let lock = NSLock()
         var previous: [String: ManifestFileResult] = [:]
-        var lastSignature: [FileSignature]?
+        var signature: [FileSignature]?
+    }
+    private let pollState = PollState()
+
+    /// Reloads if the directory signature changed (or `force`); returns the new snapshot.
+    private func poll(force: Bool) -> ManifestSnapshot? {
+        pollState.lock.lock()
+        defer { pollState.lock.unlock() }
+        let sig = Self.signature(of: directory)
+        if !force && sig == pollState.signature { return nil }
+        pollState.signature = sig
+        let snap = ManifestLoader.load(directory: directory, previous: pollState.previous)
+        pollState.previous = snap.files
+        return snap
+    }
+
+    private func run() {
         let (secs, attos) = interval.components
         let micros = max(1_000, Int(secs) * 1_000_000 + Int(attos / 1_000_000_000_000))
         while !stopped.load(ordering: .acquiring) {
-            let sig = Self.signature(of: directory)
-            if sig != lastSignature {
-                lastSignature = sig
-                let snap = ManifestLoader.load(directory: directory, previous: previous)
-                previous = snap.files
-                onChange(snap)
-            }
+            if let snap = poll(force: false) { onChange(snap) }
             var slept = 0
             while slept < micros && !stopped.load(ordering: .relaxed) {
                 let step = min(50_000, micros - slept)

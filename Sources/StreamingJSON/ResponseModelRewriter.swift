@@ -84,6 +84,7 @@ public struct ResponseModelRewriter: Sendable {
     private var cap: Cap = .none
     private var capOverflow = false
     private var raw: [UInt8] = []
+    private var lastModelRaw: [UInt8] = []
     private var holding = false
     private var numTarget: UInt8 = 0
     private var numValue = 0
@@ -109,14 +110,11 @@ public struct ResponseModelRewriter: Sendable {
                         dataLineEnded(&segStart, i, &out)
                         line = b == 0x0D ? .afterCR : .lineStart
                     } else {
-                        if lex == .string && cap == .none {
-                            // Fast path through uncaptured string content.
-                            var j = i
-                            while j < n {
-                                let c = p[j]
-                                if c == 0x22 || c == 0x5C || c == 0x0A || c == 0x0D { break }
-                                j &+= 1
-                            }
+                        if lex == .string {
+                            let j = stringRun(p, i, n, stopAtNewline: true, &segStart, &out)
+                            if j > i { i = j; continue }
+                        } else if lex == .normal {
+                            let j = skipRun(p, i, n, stopAtNewline: true)
                             if j > i { i = j; continue }
                         }
                         jsonByte(b, i, &segStart, &out)
@@ -150,13 +148,12 @@ public struct ResponseModelRewriter: Sendable {
                     if b == 0x0A { line = .lineStart } else if b == 0x0D { line = .afterCR }
                 }
             } else {
-                if lex == .string && cap == .none {
-                    var j = i
-                    while j < n {
-                        let c = p[j]
-                        if c == 0x22 || c == 0x5C { break }
-                        j &+= 1
-                    }
+                if lex == .string {
+                    let j = stringRun(p, i, n, stopAtNewline: false, &segStart, &out)
+                    if j > i { i = j; continue }
+                    if passthrough && !holding { break }
+                } else if lex == .normal {
+                    let j = skipRun(p, i, n, stopAtNewline: false)
                     if j > i { i = j; continue }
                 }
                 jsonByte(b, i, &segStart, &out)
@@ -183,6 +180,74 @@ public struct ResponseModelRewriter: Sendable {
             raw.removeAll()
         }
         cap = .none
+    }
+
+    /// Fast path between tokens: skips bytes that cannot change the tracked state
+    /// (whitespace, literals, and numbers outside `usage`). Returns the end of the run.
+    @inline(__always)
+    private func skipRun(_ p: UnsafePointer<UInt8>, _ i: Int, _ n: Int, stopAtNewline: Bool) -> Int {
+        var j = i
+        switch doc {
+        case .inDoc:
+            let numbersMatter = m1 == 2 && depth >= 2
+            while j < n {
+                let c = p[j]
+                switch c {
+                case 0x22, 0x7B, 0x7D, 0x5B, 0x5D, 0x3A, 0x2C: return j  // " { } [ ] : ,
+                case 0x0A, 0x0D: if stopAtNewline { return j }
+                case 0x30...0x39, 0x2D: if numbersMatter { return j }
+                default: break
+                }
+                j &+= 1
+            }
+        case .ignore:
+            if stopAtNewline {
+                while j < n && p[j] != 0x0A && p[j] != 0x0D { j &+= 1 }
+            } else {
+                j = n
+            }
+        case .start:
+            break
+        }
+        return j
+    }
+
+    /// Fast path through plain string content starting at `i` (no quote, backslash or line
+    /// break): captures it in bulk when needed. Returns the end of the run (`i` if none, or if
+    /// the held value grew too long and the document was abandoned at `i`).
+    @inline(__always)
+    private mutating func stringRun(_ p: UnsafePointer<UInt8>, _ i: Int, _ n: Int, stopAtNewline: Bool,
+                                    _ segStart: inout Int, _ out: inout [OutputSegment]) -> Int {
+        var j = i
+        if stopAtNewline {
+            while j < n {
+                let c = p[j]
+                if c == 0x22 || c == 0x5C || c == 0x0A || c == 0x0D { break }
+                j &+= 1
+            }
+        } else {
+            while j < n {
+                let c = p[j]
+                if c == 0x22 || c == 0x5C { break }
+                j &+= 1
+            }
+        }
+        if j == i || cap == .none { return j }
+        let len = j - i
+        switch cap {
+        case .key:
+            if raw.count + len <= 64 { raw.append(contentsOf: UnsafeBufferPointer(start: p + i, count: len)) } else { capOverflow = true }
+        case .model:
+            if raw.count + len > maxHeldBytes {
+                abandonHold(&segStart, i, &out)
+                ignoreDoc()
+                return i
+            }
+            raw.append(contentsOf: UnsafeBufferPointer(start: p + i, count: len))
+        case .none:
+            break
+        }
+        return j
     }
 
     // MARK: SSE helpers
@@ -329,12 +394,13 @@ public struct ResponseModelRewriter: Sendable {
                 }
             }
         case UInt8(ascii: "0")...UInt8(ascii: "9"), UInt8(ascii: "-"):
-            lex = .number
             numTarget = 0
             if topIsObject {
                 if depth == 2 && m1 == 2 && m2 >= 1 && m2 <= 3 { numTarget = m2 }
                 else if depth == 3 && m1 == 2 && m2 == 4 && m3 == 1 { numTarget = 4 }
             }
+            if numTarget == 0 { return } // only usage numbers are tracked
+            lex = .number
             numValid = b != UInt8(ascii: "-")
             numValue = numValid ? Int(b &- 0x30) : 0
             numDigits = numValid ? 1 : 0
@@ -372,7 +438,11 @@ public struct ResponseModelRewriter: Sendable {
             default: m3 = id
             }
         case .model:
-            observedModel = JSONStringDecoding.decode(raw[1..<(raw.count - 1)])
+            if raw != lastModelRaw {
+                // Responses repeat the same model in every event: decode it once.
+                observedModel = JSONStringDecoding.decode(raw[1..<(raw.count - 1)])
+                lastModelRaw = raw
+            }
             if holding, let r = replacement {
                 out.append(.bytes(r))
                 replacements += 1
@@ -384,19 +454,32 @@ public struct ResponseModelRewriter: Sendable {
     }
 
     private func keyID(_ depth: Int) -> UInt8 {
-        let k = raw.contains(0x5C) ? Array(JSONStringDecoding.decode(raw).utf8) : raw
+        if raw.contains(0x5C) { return Self.keyID(Array(JSONStringDecoding.decode(raw).utf8), depth) }
+        return Self.keyID(raw, depth)
+    }
+
+    private static func keyID(_ k: [UInt8], _ depth: Int) -> UInt8 {
         switch depth {
         case 1:
-            if k.elementsEqual("model".utf8) { return 1 }
-            if k.elementsEqual("usage".utf8) { return 2 }
+            if equal(k, "model") { return 1 }
+            if equal(k, "usage") { return 2 }
         case 2:
-            if k.elementsEqual("prompt_tokens".utf8) { return 1 }
-            if k.elementsEqual("completion_tokens".utf8) { return 2 }
-            if k.elementsEqual("total_tokens".utf8) { return 3 }
-            if k.elementsEqual("prompt_tokens_details".utf8) { return 4 }
+            if equal(k, "prompt_tokens") { return 1 }
+            if equal(k, "completion_tokens") { return 2 }
+            if equal(k, "total_tokens") { return 3 }
+            if equal(k, "prompt_tokens_details") { return 4 }
         default:
-            if k.elementsEqual("cached_tokens".utf8) { return 1 }
+            if equal(k, "cached_tokens") { return 1 }
         }
         return 0
+    }
+
+    @inline(__always)
+    private static func equal(_ k: [UInt8], _ s: StaticString) -> Bool {
+        let n = s.utf8CodeUnitCount
+        guard k.count == n else { return false }
+        let q = s.utf8Start
+        for i in 0..<n where k[i] != q[i] { return false }
+        return true
     }
 }

@@ -143,6 +143,19 @@ final class ManifestTests: XCTestCase {
         XCTAssertTrue(received.wait { !($0.last?.errors.isEmpty ?? true) })
         XCTAssertEqual(received.last?.rewrites.first?.spec.rules?.first?.targets?.first?.modelRewrite, "llama-v3")
     }
+
+    func testLoadNowThenWatchReportsOnlyChanges() {
+        write("r.yaml", multiDoc)
+        let received = Box()
+        let watcher = ConfigDirectoryWatcher(directory: dir, interval: .milliseconds(20)) { snap in received.append(snap) }
+        XCTAssertEqual(watcher.loadNow().rewrites.count, 1)
+        watcher.start()
+        defer { watcher.stop() }
+        usleep(150_000)
+        XCTAssertNil(received.last)
+        write("s.yml", multiDoc.replacingOccurrences(of: "name: split", with: "name: split2"))
+        XCTAssertTrue(received.wait { $0.last?.rewrites.count == 2 })
+    }
 }
 
 final class Box: @unchecked Sendable {

@@ -125,6 +125,23 @@ final class ResponseModelRewriterTests: XCTestCase {
         XCTAssertEqual(big, Array(cases[2].0.utf8))
     }
 
+    func testUsageExtractionIgnoresLookalikes() {
+        let body = """
+        { "prompt_tokens": 999, "x": {"usage": {"prompt_tokens": 998}},
+          "usage" : { "prompt_tokens" : 12 , "completion_tokens":3,
+                      "other": {"total_tokens": 997}, "list": [{"cached_tokens": 996}],
+                      "prompt_tokens_details": {"audio_tokens": 0, "cached_tokens": 7}, "total_tokens": 15 },
+          "total_tokens": 995, "model": "m" }
+        """
+        var rng = SplitMix64(seed: 11)
+        let bytes = Array(body.utf8)
+        for round in 0..<50 {
+            let (out, rw) = rewrite(bytes, mode: .json, replacement: "a", chunks: round == 0 ? [1] : randomChunks(bytes.count, &rng))
+            XCTAssertEqual(rw.usage, TokenUsage(promptTokens: 12, completionTokens: 3, totalTokens: 15, cachedTokens: 7))
+            XCTAssertEqual(String(decoding: out, as: UTF8.self), body.replacingOccurrences(of: #""model": "m""#, with: #""model": "a""#))
+        }
+    }
+
     func testModeForContentType() {
         XCTAssertEqual(ResponseModelRewriter.mode(forContentType: "text/event-stream; charset=utf-8"), .sse)
         XCTAssertEqual(ResponseModelRewriter.mode(forContentType: "application/json"), .json)
