@@ -1,0 +1,301 @@
+import Foundation
+import Logging
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+
+/// A minimal Kubernetes API client: HTTP/1.1 (NIOHTTP1's client codec) over NIOPosix, TLS via the
+/// project's OpenSSL handler. Every request uses a fresh connection (watches are long-lived anyway), so
+/// a rotated service-account token and CA are picked up on the next request. Responses are streamed:
+/// `watch` hands over one decoded event per line as chunks arrive; only a partial line is ever buffered.
+public final class KubernetesClient: Sendable {
+    public let config: ClusterConfig
+    let group: any EventLoopGroup
+    let logger: Logger
+    /// Connect timeout per connection.
+    public let connectTimeout: TimeAmount
+    let userAgent = "swift-epp/1.0"
+
+    public init(config: ClusterConfig, eventLoopGroup: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton,
+                connectTimeout: TimeAmount = .seconds(5), logger: Logger) {
+        self.config = config
+        self.group = eventLoopGroup
+        self.connectTimeout = connectTimeout
+        self.logger = logger
+    }
+
+    // MARK: Requests
+
+    /// An API request. `query` values are percent-encoded by the client.
+    public struct Request: Sendable {
+        public var method: HTTPMethod
+        public var path: String
+        public var query: [(String, String)]
+        public var body: [UInt8]?
+        public var contentType: String?
+
+        public init(method: HTTPMethod = .GET, path: String, query: [(String, String)] = [], body: [UInt8]? = nil,
+                    contentType: String? = nil) {
+            self.method = method
+            self.path = path
+            self.query = query
+            self.body = body
+            self.contentType = contentType
+        }
+
+        public var uri: String {
+            guard !query.isEmpty else { return path }
+            return path + "?" + query.map { "\(percentEncode($0.0))=\(percentEncode($0.1))" }.joined(separator: "&")
+        }
+    }
+
+    /// A whole (non-streaming) response.
+    public struct Response: Sendable {
+        public var status: HTTPResponseStatus
+        public var headers: HTTPHeaders
+        public var body: [UInt8]
+
+        /// Throws `KubernetesError.http` unless 2xx.
+        public func checked(path: String) throws -> Response {
+            guard (200..<300).contains(Int(status.code)) else {
+                throw KubernetesError.http(code: Int(status.code), status: try? JSONDecoder().decode(APIStatus.self, from: Data(body)), path: path)
+            }
+            return self
+        }
+
+        public func decode<T: Decodable>(_ type: T.Type) throws -> T {
+            do {
+                return try JSONDecoder().decode(T.self, from: Data(body))
+            } catch {
+                throw KubernetesError.decoding("\(T.self): \(describeDecodingError(error))")
+            }
+        }
+    }
+
+    /// Sends a request and reads the whole response (bounded by `maxBodyBytes` and `timeout`).
+    public func send(_ request: Request, timeout: TimeAmount = .seconds(30), maxBodyBytes: Int = 64 << 20) async throws -> Response {
+        try await stream(request, timeout: timeout) { head, body in
+            var bytes: [UInt8] = []
+            while let chunk = try await body.next() {
+                guard bytes.count + chunk.readableBytes <= maxBodyBytes else {
+                    throw KubernetesError.decoding("response body of \(request.path) exceeds \(maxBodyBytes) bytes")
+                }
+                bytes.append(contentsOf: chunk.readableBytesView)
+            }
+            return Response(status: head.status, headers: head.headers, body: bytes)
+        }
+    }
+
+    /// GET and decode a 2xx JSON response.
+    public func get<T: Decodable>(_ type: T.Type, path: String, query: [(String, String)] = [],
+                                  timeout: TimeAmount = .seconds(30)) async throws -> T {
+        try await send(Request(path: path, query: query), timeout: timeout).checked(path: path).decode(T.self)
+    }
+
+    /// Reads the body of a streaming response piece by piece.
+    public struct BodyReader {
+        var iterator: NIOAsyncChannelInboundStream<HTTPClientResponsePart>.AsyncIterator
+        var finished = false
+        let path: String
+
+        /// The next body chunk; nil at the end of the response. Throws if the connection drops first.
+        public mutating func next() async throws -> ByteBuffer? {
+            if finished { return nil }
+            while true {
+                let next: HTTPClientResponsePart?
+                do {
+                    next = try await iterator.next()
+                } catch {
+                    finished = true
+                    if Task.isCancelled { throw CancellationError() }
+                    throw KubernetesError.connectionClosed("\(path): \(error)")
+                }
+                guard let part = next else {
+                    finished = true
+                    if Task.isCancelled { throw CancellationError() }
+                    throw KubernetesError.connectionClosed("\(path): response ended early")
+                }
+                switch part {
+                case .head: continue
+                case .body(let buffer): return buffer
+                case .end:
+                    finished = true
+                    return nil
+                }
+            }
+        }
+    }
+
+    /// Sends a request and hands the response head and a body reader to `handle`; the connection is
+    /// closed when `handle` returns (or throws). The whole exchange is bounded by `timeout`.
+    public func stream<R: Sendable>(_ request: Request, timeout: TimeAmount,
+                                    _ handle: (HTTPResponseHead, inout BodyReader) async throws -> R) async throws -> R {
+        let config = self.config
+        let makeTLS = try tlsHandlerFactory(config: config)
+        let channel: NIOAsyncChannel<HTTPClientResponsePart, HTTPClientRequestPart>
+        do {
+            channel = try await ClientBootstrap(group: group)
+                .connectTimeout(connectTimeout)
+                .channelOption(.socketOption(.so_keepalive), value: 1)
+                .channelOption(.tcpOption(.tcp_nodelay), value: 1)
+                .connect(host: config.host, port: config.port) { channel in
+                    channel.eventLoop.makeCompletedFuture {
+                        if let makeTLS {
+                            try channel.pipeline.syncOperations.addHandler(makeTLS())
+                        }
+                        try channel.pipeline.syncOperations.addHTTPClientHandlers()
+                        return try NIOAsyncChannel<HTTPClientResponsePart, HTTPClientRequestPart>(
+                            wrappingChannelSynchronously: channel)
+                    }
+                }
+        } catch {
+            throw KubernetesError.connectionClosed("cannot connect to \(config.serverURL): \(error)")
+        }
+        let underlying = channel.channel
+        let deadline = underlying.eventLoop.scheduleTask(in: timeout) {
+            underlying.close(promise: nil)
+        }
+        defer { deadline.cancel() }
+        let path = request.path
+        let uri = request.uri
+        let headers = try makeHeaders(request)
+        let body = request.body
+        do {
+            return try await withTaskCancellationHandler {
+                try await channel.executeThenClose { inbound, outbound in
+                    var head = HTTPRequestHead(version: .http1_1, method: request.method, uri: uri)
+                    head.headers = headers
+                    var parts: [HTTPClientRequestPart] = [.head(head)]
+                    if let body {
+                        parts.append(.body(.byteBuffer(ByteBuffer(bytes: body))))
+                    }
+                    parts.append(.end(nil))
+                    // One write + flush: the server may answer (and close) as soon as it has the request.
+                    try await outbound.write(contentsOf: parts)
+                    var iterator = inbound.makeAsyncIterator()
+                    var responseHead: HTTPResponseHead?
+                    while responseHead == nil {
+                        guard let part = try await iterator.next() else {
+                            throw KubernetesError.connectionClosed("\(path): no response")
+                        }
+                        if case .head(let h) = part, h.status.code >= 200 { responseHead = h }
+                    }
+                    var reader = BodyReader(iterator: iterator, path: path)
+                    do {
+                        return try await handle(responseHead!, &reader)
+                    } catch {
+                        throw HandlerFailure(underlying: error)
+                    }
+                }
+            } onCancel: {
+                underlying.close(promise: nil)
+            }
+        } catch let failure as HandlerFailure {
+            throw failure.underlying
+        } catch let error as KubernetesError {
+            throw error
+        } catch is CancellationError {
+            throw CancellationError()
+        } catch {
+            if Task.isCancelled { throw CancellationError() }
+            throw KubernetesError.connectionClosed("\(path): \(error)")
+        }
+    }
+
+    private func makeHeaders(_ request: Request) throws -> HTTPHeaders {
+        var headers = HTTPHeaders()
+        let defaultPort = config.usesTLS ? 443 : 80
+        let hostHeader = (config.host.contains(":") ? "[\(config.host)]" : config.host)
+            + (config.port == defaultPort ? "" : ":\(config.port)")
+        headers.add(name: "Host", value: hostHeader)
+        headers.add(name: "User-Agent", value: userAgent)
+        headers.add(name: "Accept", value: "application/json")
+        headers.add(name: "Connection", value: "close")
+        if let token = try currentToken() {
+            headers.add(name: "Authorization", value: "Bearer \(token)")
+        }
+        if let body = request.body {
+            headers.add(name: "Content-Type", value: request.contentType ?? "application/json")
+            headers.add(name: "Content-Length", value: String(body.count))
+        } else if request.method != .GET && request.method != .HEAD {
+            headers.add(name: "Content-Length", value: "0")
+        }
+        return headers
+    }
+
+    /// The bearer token, re-read from its file for every connection.
+    func currentToken() throws -> String? {
+        switch config.credentials {
+        case .none: return nil
+        case .token(let token): return token
+        case .tokenFile(let path):
+            do {
+                let token = try String(contentsOfFile: path, encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
+                return token.isEmpty ? nil : token
+            } catch {
+                throw KubernetesError.configuration("cannot read token file \(path): \(error)")
+            }
+        }
+    }
+
+    // MARK: Watch
+
+    /// One event of a watch stream.
+    enum WatchLine<T: Decodable & Sendable>: Sendable {
+        case event(WatchEventEnvelope<T>)
+    }
+
+    /// Opens a watch and calls `onEvent` for every event line as it arrives. Returns when the server ends
+    /// the stream cleanly; throws `KubernetesError.http` for a non-2xx answer, `.connectionClosed` for a
+    /// dropped connection. `onEvent` returning false stops the watch.
+    func watch<T: Decodable & Sendable>(_ type: T.Type, request: Request, timeout: TimeAmount, maxLineBytes: Int = 16 << 20,
+                                        onEvent: (WatchEventEnvelope<T>) async throws -> Bool) async throws {
+        let path = request.path
+        try await stream(request, timeout: timeout) { head, body in
+            guard (200..<300).contains(Int(head.status.code)) else {
+                var bytes: [UInt8] = []
+                while let chunk = try await body.next(), bytes.count < 1 << 20 { bytes.append(contentsOf: chunk.readableBytesView) }
+                throw KubernetesError.http(code: Int(head.status.code),
+                                           status: try? JSONDecoder().decode(APIStatus.self, from: Data(bytes)), path: path)
+            }
+            var pending = ByteBuffer()
+            let decoder = JSONDecoder()
+            while let chunk = try await body.next() {
+                var chunk = chunk
+                pending.writeBuffer(&chunk)
+                while let newline = pending.readableBytesView.firstIndex(of: UInt8(ascii: "\n")) {
+                    let length = newline - pending.readerIndex
+                    let line = pending.readSlice(length: length)!
+                    pending.moveReaderIndex(forwardBy: 1)
+                    if line.readableBytes == 0 { continue }
+                    let event: WatchEventEnvelope<T>
+                    do {
+                        event = try decoder.decode(WatchEventEnvelope<T>.self, from: Data(line.readableBytesView))
+                    } catch {
+                        throw KubernetesError.decoding("watch event on \(path): \(describeDecodingError(error))")
+                    }
+                    guard try await onEvent(event) else { return }
+                }
+                pending.discardReadBytes()
+                if pending.readableBytes > maxLineBytes {
+                    throw KubernetesError.decoding("watch event on \(path) exceeds \(maxLineBytes) bytes")
+                }
+            }
+        }
+    }
+}
+
+/// Carries an error thrown by a response handler through `stream` unchanged.
+private struct HandlerFailure: Error {
+    let underlying: any Error
+}
+
+private let unreserved: CharacterSet = {
+    var set = CharacterSet()
+    set.insert(charactersIn: "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+    return set
+}()
+
+func percentEncode(_ s: String) -> String {
+    s.addingPercentEncoding(withAllowedCharacters: unreserved) ?? s
+}
