@@ -231,7 +231,7 @@ public final class Reflector<T: Decodable & Sendable>: Sendable {
         switch item.result {
         case .success(let object):
             state.skipped[meta.key] = nil
-            return KubeObject(meta: meta, object: object, probe: item.probe)
+            return KubeObject(meta: meta, object: object)
         case .failure(let failure):
             if state.skipped[meta.key] != meta.resourceVersion {
                 state.skipped[meta.key] = meta.resourceVersion ?? ""

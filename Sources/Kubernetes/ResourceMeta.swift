@@ -44,75 +44,24 @@ public struct ResourceMeta: Codable, Sendable, Equatable {
     }
 }
 
-/// One `status.conditions[]` entry, as the layer reads and writes it.
-public struct ResourceCondition: Codable, Sendable, Equatable {
-    public var type: String
-    public var status: String
-    public var reason: String?
-    public var message: String?
-    public var observedGeneration: Int64?
-    public var lastTransitionTime: String?
-
-    public init(type: String, status: String, reason: String? = nil, message: String? = nil,
-                observedGeneration: Int64? = nil, lastTransitionTime: String? = nil) {
-        self.type = type
-        self.status = status
-        self.reason = reason
-        self.message = message
-        self.observedGeneration = observedGeneration
-        self.lastTransitionTime = lastTransitionTime
-    }
-}
-
-/// `spec.poolRef` as InferenceModelRewrite / InferenceObjective carry it.
-public struct PoolReference: Codable, Sendable, Equatable {
-    public var group: String?
-    public var kind: String?
-    public var name: String?
-}
-
-/// Fields read from every object besides the typed decoding: `spec.poolRef` and `status.conditions`.
-public struct ResourceProbe: Sendable, Equatable {
-    public var poolRef: PoolReference?
-    public var conditions: [ResourceCondition]?
-
-    public init(poolRef: PoolReference? = nil, conditions: [ResourceCondition]? = nil) {
-        self.poolRef = poolRef
-        self.conditions = conditions
-    }
-}
-
-extension ResourceProbe: Decodable {
-    private struct Spec: Decodable { var poolRef: PoolReference? }
-    private struct Status: Decodable { var conditions: [ResourceCondition]? }
-    private enum Keys: String, CodingKey { case spec, status }
-    public init(from decoder: any Decoder) throws {
-        let c = try decoder.container(keyedBy: Keys.self)
-        poolRef = (try? c.decodeIfPresent(Spec.self, forKey: .spec))?.poolRef
-        conditions = (try? c.decodeIfPresent(Status.self, forKey: .status))?.conditions
-    }
-}
-
 /// A cached object: the layer's own view of its metadata plus the typed object.
 public struct KubeObject<T: Sendable>: Sendable {
     public var meta: ResourceMeta
     public var object: T
-    public var probe: ResourceProbe
 
-    public init(meta: ResourceMeta, object: T, probe: ResourceProbe = ResourceProbe()) {
+    public init(meta: ResourceMeta, object: T) {
         self.meta = meta
         self.object = object
-        self.probe = probe
     }
 }
 
 /// One item of a list or the object of a watch event, decoded leniently: metadata and probe always,
 /// the typed object as a result so that a bad object can be skipped (and named in the log).
+/// (`kind: Status` objects of ERROR events also decode their `code`/`reason`/`message`.)
 struct LenientItem<T: Decodable & Sendable>: Decodable, Sendable {
     var meta: ResourceMeta?
     var kind: String?
     var status: APIStatus?
-    var probe: ResourceProbe
     var result: Result<T, ItemDecodingFailure>
 
     private struct AnyKey: CodingKey {
@@ -129,7 +78,6 @@ struct LenientItem<T: Decodable & Sendable>: Decodable, Sendable {
         if kind == "Status" {
             status = try? APIStatus(from: decoder)
         }
-        probe = (try? ResourceProbe(from: decoder)) ?? ResourceProbe()
         do {
             result = .success(try T(from: decoder))
         } catch {
