@@ -55,6 +55,10 @@ public final class OpenSSLHandler: ChannelDuplexHandler, RemovableChannelHandler
     private static let maxReadBufferSize = 64 * 1024
     /// Ciphertext produced by one flush is handed downstream in chunks of about this size.
     private static let writeChunkSize = 256 * 1024
+    /// Consecutive flushed writes smaller than this are copied together and encrypted as one record
+    /// (fewer records: less framing and fewer AEAD setups), up to `coalescedRecordSize`.
+    private static let coalesceThreshold = 2048
+    private static let coalescedRecordSize = 16 * 1024
     /// How long `close` waits for the close_notify write before closing anyway.
     private static let closeNotifyTimeout = TimeAmount.seconds(3)
 
@@ -254,6 +258,7 @@ public final class OpenSSLHandler: ChannelDuplexHandler, RemovableChannelHandler
     }
 
     /// Decrypts everything decryptable into (reused) buffers of 16-64 KiB, one fireChannelRead per buffer.
+    /// A received alert (e.g. the server refusing our client certificate after a TLS 1.3 handshake) ends up here.
     private func readPlaintext(context: ChannelHandlerContext) {
         guard let ssl, let rbio else { return }
         let wanted = min(max(Self.readBufferSize, Int(BIO_ctrl_pending(rbio))), Self.maxReadBufferSize)
@@ -285,14 +290,18 @@ public final class OpenSSLHandler: ChannelDuplexHandler, RemovableChannelHandler
             case SSL_ERROR_ZERO_RETURN:
                 peerClosed = true
             default:
-                failure = TLSError.drainingQueue("TLS record decryption failed")
+                failure = TLSError.drainingQueue("TLS read failed")
             }
             break
         }
         if buffer.readableBytes > 0 {
             deliver(context: context, &buffer)
+            // Detach from the storage just handed downstream (a decoder appending to it must not pay a CoW copy);
+            // if downstream did not keep it, this reuses the capacity without allocating.
+            buffer.clear()
         }
-        readBuffer = buffer
+        // Keep one standard-size buffer per connection; a grown one is not worth holding while idle.
+        readBuffer = buffer.capacity <= Self.readBufferSize ? buffer : nil
         if let failure {
             fail(context: context, error: failure)
             return
@@ -422,6 +431,7 @@ public final class OpenSSLHandler: ChannelDuplexHandler, RemovableChannelHandler
         var lead: EventLoopPromise<Void>?
         var wroteChunk = false
         var failure: TLSError?
+        var coalesced: ByteBuffer?
         ERR_clear_error()
         encrypting = true
         while flushedWriteCount > 0, let write = pendingWrites.popFirst() {
@@ -430,16 +440,20 @@ public final class OpenSSLHandler: ChannelDuplexHandler, RemovableChannelHandler
                 if let lead { lead.futureResult.cascade(to: promise) } else { lead = promise }
             }
             if failure != nil { continue }
-            let ok = write.data.withUnsafeReadableBytes { raw -> Bool in
-                var offset = 0
-                while offset < raw.count {
-                    let n = SSL_write(ssl, raw.baseAddress! + offset, Int32(clamping: min(raw.count - offset, 1 << 30)))
-                    guard n > 0 else { return false }
-                    offset += Int(n)
-                }
-                return true
+            var data = write.data
+            if data.readableBytes < Self.coalesceThreshold && (flushedWriteCount > 0 || coalesced != nil) {
+                if coalesced == nil { coalesced = context.channel.allocator.buffer(capacity: Self.coalescedRecordSize) }
+                coalesced!.writeBuffer(&data)
+                if coalesced!.readableBytes < Self.coalescedRecordSize - Self.coalesceThreshold { continue }
             }
-            guard ok else {
+            if let pending = coalesced {
+                coalesced = nil
+                guard Self.sslWriteAll(ssl, pending) else {
+                    failure = TLSError.drainingQueue("TLS encryption failed")
+                    continue
+                }
+            }
+            guard Self.sslWriteAll(ssl, data) else {
                 failure = TLSError.drainingQueue("TLS encryption failed")
                 continue
             }
@@ -451,6 +465,13 @@ public final class OpenSSLHandler: ChannelDuplexHandler, RemovableChannelHandler
             }
         }
         encrypting = false
+        if failure == nil, let pending = coalesced {
+            if Self.sslWriteAll(ssl, pending) {
+                drainWriteBIO(into: &out)
+            } else {
+                failure = TLSError.drainingQueue("TLS encryption failed")
+            }
+        }
         if let failure {
             lead?.fail(failure)
             if wroteChunk { context.flush() }
@@ -461,6 +482,19 @@ public final class OpenSSLHandler: ChannelDuplexHandler, RemovableChannelHandler
             context.writeAndFlush(wrapOutboundOut(out), promise: lead)
         } else if wroteChunk {
             context.flush()
+        }
+    }
+
+    /// SSL_write of a whole buffer (a memory BIO never pushes back, so anything short of that is an error).
+    private static func sslWriteAll(_ ssl: OpaquePointer, _ data: ByteBuffer) -> Bool {
+        data.withUnsafeReadableBytes { raw -> Bool in
+            var offset = 0
+            while offset < raw.count {
+                let n = SSL_write(ssl, raw.baseAddress! + offset, Int32(clamping: min(raw.count - offset, 1 << 30)))
+                guard n > 0 else { return false }
+                offset += Int(n)
+            }
+            return true
         }
     }
 

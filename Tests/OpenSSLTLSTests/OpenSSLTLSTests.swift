@@ -114,6 +114,28 @@ final class OpenSSLTLSTests: XCTestCase {
         XCTAssertEqual(recorder.errors.withLockedValue { $0 }, [])
     }
 
+    /// Many small writes in one flush are coalesced into few records: order is kept, every promise completes,
+    /// and the ciphertext is close to the plaintext size (one record per write would add >= 22 bytes each).
+    func testSmallWritesAreCoalescedInOrder() throws {
+        let server = try selfSignedServer()
+        let listener = try startTLSServer(group: group, recorder: ServerRecorder()) { server }
+        defer { try? listener.close().wait() }
+        let counter = CiphertextCounter()
+        let writes = (0..<2000).map { "<\($0)>" }
+        let expected = writes.joined()
+        let client = try connectTLSClient(
+            group: group, port: listener.localAddress!.port!, tls: try makeClientContext(trusting: server.certificatePEM),
+            hostname: "localhost", expectedBytes: expected.utf8.count, ciphertextCounter: counter)
+        XCTAssertEqual(try client.handshake.wait(seconds: 10), "h2")
+        let before = counter.bytesWritten.withLockedValue { $0 }
+        let futures = writes.map { client.channel.write(ByteBuffer(string: $0)) }
+        client.channel.flush()
+        XCTAssertNoThrow(try EventLoopFuture.andAllSucceed(futures, on: client.channel.eventLoop).wait(seconds: 10))
+        XCTAssertEqual(String(buffer: try client.received.wait(seconds: 10)), expected)
+        let ciphertext = counter.bytesWritten.withLockedValue { $0 } - before
+        XCTAssertLessThan(ciphertext, expected.utf8.count + 20 * 22, "\(ciphertext) ciphertext bytes for \(expected.utf8.count) plaintext")
+    }
+
     func testClientWithoutALPNIsAccepted() throws {
         let server = try selfSignedServer()
         let listener = try startTLSServer(group: group, recorder: ServerRecorder()) { server }
@@ -217,7 +239,7 @@ final class OpenSSLTLSTests: XCTestCase {
 
         // Without a certificate, and with an untrusted one, the server refuses (TLS 1.3: the client learns it
         // from the alert after its own handshake finished, so only the close is certain on its side).
-        for identity in [nil, stranger] {
+        for identity in [nil, stranger] as [SelfSignedCertificate?] {
             recorder.errors.withLockedValue { $0.removeAll() }
             let bad = try connectTLSClient(
                 group: group, port: port,
@@ -225,6 +247,9 @@ final class OpenSSLTLSTests: XCTestCase {
                 hostname: "localhost", expectedBytes: 4, greeting: "mtls")
             XCTAssertThrowsError(try bad.received.wait(seconds: 10))
             XCTAssertNoThrow(try bad.inactive.wait(seconds: 10))
+            // The alert arrives before the close, so the client reports why.
+            let clientError = try bad.firstError.wait(seconds: 10)
+            XCTAssertTrue(clientError.contains(identity == nil ? "certificate required" : "unknown ca"), clientError)
             let serverError = try XCTUnwrap(recorder.waitForError())
             XCTAssertTrue(serverError.contains("TLS handshake failed"), serverError)
         }
@@ -274,7 +299,7 @@ final class OpenSSLTLSTests: XCTestCase {
         }.wait(seconds: 10)
         XCTAssertNoThrow(try client.inactive.wait(seconds: 10))
         let error = try XCTUnwrap(recorder.waitForError())
-        XCTAssertTrue(error.contains("decryption failed") || error.contains("bad record mac"), error)
+        XCTAssertTrue(error.contains("TLS read failed") && error.contains("bad record mac"), error)
     }
 
     func testCloseSendsCloseNotifyAndPeerCloses() throws {
@@ -363,6 +388,56 @@ final class OpenSSLTLSTests: XCTestCase {
         let (_, text) = try runOpenSSL(["x509", "-in", dir + "/c.pem", "-noout", "-text"])
         XCTAssertTrue(text.contains("DNS:localhost, IP Address:127.0.0.1"), text)
         XCTAssertTrue(text.contains("prime256v1"), text)
+    }
+
+    /// A CA-issued chain (root → intermediate → leaf) made with the openssl CLI: the server sends its intermediate
+    /// from the chain file, the client sends its own from chain PEM bytes; each side trusts only the root.
+    func testIntermediateChainsServerAndClient() throws {
+        let dir = try makeTemporaryDirectory()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        func openssl(_ arguments: [String]) throws {
+            let (status, output) = try runOpenSSL(arguments)
+            XCTAssertEqual(status, 0, "openssl \(arguments.joined(separator: " ")): \(output)")
+        }
+        func newKeyAndCSR(_ name: String) throws {
+            try openssl(["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", "\(dir)/\(name).key",
+                         "-out", "\(dir)/\(name).csr", "-subj", "/CN=\(name)"])
+        }
+        func sign(_ name: String, by issuer: String, extensions: String) throws {
+            try writeFile("\(dir)/\(name).ext", extensions)
+            try openssl(["x509", "-req", "-in", "\(dir)/\(name).csr", "-CA", "\(dir)/\(issuer).crt", "-CAkey", "\(dir)/\(issuer).key",
+                         "-set_serial", "\(Int.random(in: 1000...1_000_000))", "-days", "2", "-out", "\(dir)/\(name).crt",
+                         "-extfile", "\(dir)/\(name).ext"])
+        }
+        try openssl(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", "\(dir)/root.key",
+                     "-out", "\(dir)/root.crt", "-subj", "/CN=test root", "-days", "2"])
+        try newKeyAndCSR("intermediate")
+        try sign("intermediate", by: "root", extensions: "basicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign,cRLSign\n")
+        try newKeyAndCSR("server")
+        try sign("server", by: "intermediate", extensions: "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
+        try newKeyAndCSR("client")
+        try sign("client", by: "intermediate", extensions: "extendedKeyUsage=clientAuth\n")
+        let read = { (name: String) throws -> String in try String(contentsOfFile: "\(dir)/\(name)", encoding: .utf8) }
+        try writeFile("\(dir)/server-chain.crt", try read("server.crt") + read("intermediate.crt"))
+
+        let server = try TLSContext.server(
+            certificateChainFile: "\(dir)/server-chain.crt", privateKeyFile: "\(dir)/server.key", alpn: ["h2"],
+            clientCertificateTrustRootsPEM: Array(try read("root.crt").utf8))
+        XCTAssertEqual(server.certificatePEM, try read("server.crt"), "certificatePEM is the leaf")
+        let recorder = ServerRecorder()
+        let listener = try startTLSServer(group: group, recorder: recorder) { server }
+        defer { try? listener.close().wait() }
+
+        let client = try TLSContext.client(
+            trustRootsPEM: nil, trustRootsFile: "\(dir)/root.crt",
+            clientCertificatePEM: Array((try read("client.crt") + read("intermediate.crt")).utf8),
+            clientKeyPEM: Array(try read("client.key").utf8), insecureSkipVerify: false, alpn: ["h2"])
+        let connection = try connectTLSClient(
+            group: group, port: listener.localAddress!.port!, tls: client, hostname: "localhost",
+            expectedBytes: 5, greeting: "chain")
+        XCTAssertEqual(try connection.handshake.wait(seconds: 10), "h2")
+        XCTAssertEqual(String(buffer: try connection.received.wait(seconds: 10)), "chain")
+        XCTAssertEqual(recorder.errors.withLockedValue { $0 }, [])
     }
 
     // MARK: Reloading

@@ -160,7 +160,8 @@ struct ClientConnection {
 
 func connectTLSClient(
     group: EventLoopGroup, port: Int, tls: TLSContext?, hostname: String?, expectedBytes: Int = 0,
-    greeting: String? = nil, manualRead: Bool = false, flushOnWritabilityChange: Bool = false
+    greeting: String? = nil, manualRead: Bool = false, flushOnWritabilityChange: Bool = false,
+    ciphertextCounter: CiphertextCounter? = nil
 ) throws -> ClientConnection {
     let loop = group.next()
     let collector = try loop.submit {
@@ -181,6 +182,9 @@ func connectTLSClient(
             value: flushOnWritabilityChange ? .init(low: 1024, high: 4096) : .init(low: 32 * 1024, high: 64 * 1024))
         .channelInitializer { channel in
             channel.eventLoop.makeCompletedFuture {
+                if let ciphertextCounter {
+                    try channel.pipeline.syncOperations.addHandler(CiphertextCountingHandler(counter: ciphertextCounter))
+                }
                 if let tls {
                     try channel.pipeline.syncOperations.addHandler(
                         OpenSSLHandler(context: tls, role: .client(serverHostname: hostname)))
@@ -227,5 +231,22 @@ final class FlushOnWritabilityChange: ChannelDuplexHandler {
         changes += 1
         context.flush()
         context.fireChannelWritabilityChanged()
+    }
+}
+
+final class CiphertextCounter: Sendable {
+    let bytesWritten = NIOLockedValueBox(0)
+}
+
+/// Sits below the TLS handler and counts the ciphertext bytes it writes.
+final class CiphertextCountingHandler: ChannelOutboundHandler {
+    typealias OutboundIn = ByteBuffer
+    let counter: CiphertextCounter
+    init(counter: CiphertextCounter) { self.counter = counter }
+
+    func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
+        let count = unwrapOutboundIn(data).readableBytes
+        counter.bytesWritten.withLockedValue { $0 += count }
+        context.write(data, promise: promise)
     }
 }
