@@ -174,7 +174,8 @@ final class ProcessStream: GRPCStreamHandler {
             return
         }
         held.append(chunk)
-        if endOfStream {
+        if endOfStream || scanner.progress == .complete {
+            // A finished document without a usable model is refused before anything is routed.
             if let error = finalValidation() { return fail(error, stream) }
         } else if !readyToRoute() {
             return
