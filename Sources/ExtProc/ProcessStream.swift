@@ -414,7 +414,7 @@ final class ProcessStream: GRPCStreamHandler {
             mutation.removeHeaders.append("content-length")
         }
         stream.send(Replies.responseHeaders(mutation.setHeaders.isEmpty && mutation.removeHeaders.isEmpty ? nil : mutation))
-        if headers.endOfStream { finishResponse() }
+        if headers.endOfStream { finishResponse(stream) }
     }
 
     private func onResponseBody(_ body: Envoy_Service_ExtProc_V3_HttpBody, _ stream: GRPCServerStream) {
@@ -441,7 +441,7 @@ final class ProcessStream: GRPCStreamHandler {
             let unchanged = segments.count == 1 && segments[0] == .input(0..<chunk.count)
             stream.send(Replies.bodyReplace(unchanged ? nil : out, request: false))
         }
-        if body.endOfStream { finishResponse() }
+        if body.endOfStream { finishResponse(stream) }
     }
 
     /// Joins rewriter output: the chunk itself when nothing changed (no copy).
@@ -466,10 +466,13 @@ final class ProcessStream: GRPCStreamHandler {
             // already in pass-through, so nothing more can be added after the body ended.
         }
         stream.send(Replies.trailers(request: false))
-        finishResponse()
+        finishResponse(stream)
     }
 
-    private func finishResponse() {
+    /// The exchange is over: end the gRPC stream ourselves. Envoy resets Process streams it still
+    /// considers open when the HTTP request ends, and a server counts every incoming RST_STREAM
+    /// against its rapid-reset budget; a stream we already finished needs no reset.
+    private func finishResponse(_ stream: GRPCServerStream) {
         if let usage = rewriter?.usage, logger.logLevel <= .debug {
             logger.debug("response complete", metadata: [
                 "request-id": "\(info.requestID ?? generatedRequestID ?? "")",
@@ -478,6 +481,8 @@ final class ProcessStream: GRPCStreamHandler {
             ])
         }
         release()
+        done = true
+        stream.finish(.ok)
     }
 
     // MARK: Errors

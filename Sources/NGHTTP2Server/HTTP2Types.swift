@@ -34,8 +34,10 @@ public struct HTTP2Settings: Sendable {
     /// Queued outbound bytes under which an unwritable stream becomes writable again.
     public var streamWriteLowWater: Int = 256 << 10
     /// Incoming RST_STREAM token bucket (rapid-reset protection): burst and refill per second.
-    public var resetBurst: UInt64 = 1000
-    public var resetRate: UInt64 = 33
+    /// nghttp2's defaults (1000, 33/s) are meant for browsers; a gateway multiplexing thousands of
+    /// requests per second may legitimately cancel many streams (client disconnects).
+    public var resetBurst: UInt64 = 10_000
+    public var resetRate: UInt64 = 2_000
 
     public init() {}
 }
