@@ -12,7 +12,7 @@ import Darwin
 /// Which side of the handshake a handler plays.
 public enum TLSRole: Sendable {
     case server
-    /// `serverHostname` may be a DNS name or an IP literal. The certificate is checked against DNS or IP SANs
+    /// `serverHostname` may be a DNS name or an IP literal (IPv6 with or without brackets). The certificate is checked against DNS or IP SANs
     /// respectively (unless the context skips verification); a DNS name is also sent as SNI.
     /// nil: no SNI and only the chain is verified.
     case client(serverHostname: String?)
@@ -120,7 +120,9 @@ public final class OpenSSLHandler: ChannelDuplexHandler, RemovableChannelHandler
     }
 
     /// SNI for DNS names; host or IP SAN check when verifying.
-    private static func configureClientHostname(_ ssl: OpaquePointer, _ hostname: String, verify: Bool) -> Bool {
+    private static func configureClientHostname(_ ssl: OpaquePointer, _ name: String, verify: Bool) -> Bool {
+        // URL-style IPv6 literals ("[::1]") are accepted too.
+        let hostname = name.hasPrefix("[") && name.hasSuffix("]") ? String(name.dropFirst().dropLast()) : name
         let isIP = hostname.withCString { name -> Bool in
             var v4 = in_addr()
             var v6 = in6_addr()

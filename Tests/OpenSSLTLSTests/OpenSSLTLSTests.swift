@@ -136,6 +136,20 @@ final class OpenSSLTLSTests: XCTestCase {
         XCTAssertLessThan(ciphertext, expected.utf8.count + 20 * 22, "\(ciphertext) ciphertext bytes for \(expected.utf8.count) plaintext")
     }
 
+    func testHandshakeAndRecordsSplitIntoTinyReads() throws {
+        let server = try selfSignedServer()
+        let recorder = ServerRecorder()
+        let listener = try startTLSServer(group: group, recorder: recorder) { server }
+        defer { try? listener.close().wait() }
+        let message = String(repeating: "fragmented ", count: 300)
+        let client = try connectTLSClient(
+            group: group, port: listener.localAddress!.port!, tls: try makeClientContext(trusting: server.certificatePEM),
+            hostname: "localhost", expectedBytes: message.utf8.count, greeting: message, fragmentCiphertext: true)
+        XCTAssertEqual(try client.handshake.wait(seconds: 20), "h2")
+        XCTAssertEqual(String(buffer: try client.received.wait(seconds: 20)), message)
+        XCTAssertEqual(recorder.errors.withLockedValue { $0 }, [])
+    }
+
     func testClientWithoutALPNIsAccepted() throws {
         let server = try selfSignedServer()
         let listener = try startTLSServer(group: group, recorder: ServerRecorder()) { server }
@@ -176,6 +190,13 @@ final class OpenSSLTLSTests: XCTestCase {
             expectedBytes: 4, greeting: "ping")
         XCTAssertEqual(try client.handshake.wait(seconds: 10), "h2")
         XCTAssertEqual(String(buffer: try client.received.wait(seconds: 10)), "ping")
+        // The certificate also has IP SAN ::1 (the connection goes to 127.0.0.1; only the name check differs).
+        for name in ["::1", "[::1]"] {
+            let v6 = try connectTLSClient(
+                group: group, port: listener.localAddress!.port!,
+                tls: try makeClientContext(trusting: server.certificatePEM), hostname: name)
+            XCTAssertEqual(try v6.handshake.wait(seconds: 10), "h2", name)
+        }
     }
 
     func testWrongHostNameFails() throws {

@@ -161,7 +161,7 @@ struct ClientConnection {
 func connectTLSClient(
     group: EventLoopGroup, port: Int, tls: TLSContext?, hostname: String?, expectedBytes: Int = 0,
     greeting: String? = nil, manualRead: Bool = false, flushOnWritabilityChange: Bool = false,
-    ciphertextCounter: CiphertextCounter? = nil
+    ciphertextCounter: CiphertextCounter? = nil, fragmentCiphertext: Bool = false
 ) throws -> ClientConnection {
     let loop = group.next()
     let collector = try loop.submit {
@@ -182,6 +182,9 @@ func connectTLSClient(
             value: flushOnWritabilityChange ? .init(low: 1024, high: 4096) : .init(low: 32 * 1024, high: 64 * 1024))
         .channelInitializer { channel in
             channel.eventLoop.makeCompletedFuture {
+                if fragmentCiphertext {
+                    try channel.pipeline.syncOperations.addHandler(FragmentingHandler())
+                }
                 if let ciphertextCounter {
                     try channel.pipeline.syncOperations.addHandler(CiphertextCountingHandler(counter: ciphertextCounter))
                 }
@@ -248,5 +251,20 @@ final class CiphertextCountingHandler: ChannelOutboundHandler {
         let count = unwrapOutboundIn(data).readableBytes
         counter.bytesWritten.withLockedValue { $0 += count }
         context.write(data, promise: promise)
+    }
+}
+
+/// Sits below the TLS handler and sends its ciphertext in 3-byte writes, each flushed: the peer sees records
+/// (and the handshake) split across many reads.
+final class FragmentingHandler: ChannelOutboundHandler {
+    typealias OutboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+
+    func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
+        var buffer = unwrapOutboundIn(data)
+        while buffer.readableBytes > 3, let piece = buffer.readSlice(length: 3) {
+            context.writeAndFlush(wrapOutboundOut(piece), promise: nil)
+        }
+        context.write(wrapOutboundOut(buffer), promise: promise)
     }
 }
