@@ -77,6 +77,7 @@ let package = Package(
         .target(name: "EPP", dependencies: [
             "GRPCServer", "ExtProc", "InferenceRouting", "Kubernetes", "OpenSSLTLS",
             .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "Logging", package: "swift-log"),
             .product(name: "ArgumentParser", package: "swift-argument-parser"),

@@ -14,8 +14,11 @@ final class EPPApp: Sendable {
     let logger: Logger
     let drainTimeout: Double
     let group: MultiThreadedEventLoopGroup
+    let source: any RoutingSource
 
-    private init(servers: [GRPCServer], health: HealthStatusStore, logger: Logger, drainTimeout: Double, group: MultiThreadedEventLoopGroup) {
+    private init(servers: [GRPCServer], health: HealthStatusStore, logger: Logger, drainTimeout: Double,
+                 group: MultiThreadedEventLoopGroup, source: any RoutingSource) {
+        self.source = source
         self.servers = servers
         self.health = health
         self.logger = logger
@@ -32,7 +35,7 @@ final class EPPApp: Sendable {
         ])
         let tls = try makeTLS(options, logger: logger)
 
-        let source = try makeSource(options, logger: logger)
+        let source = try makeSource(options, group: group, health: health, logger: logger)
         var extProc = ExtProcConfiguration()
         extProc.affinity = .init(flag: options.splitAffinityHeader)
         extProc.restoreModelAlias = options.restoreModelAlias
@@ -59,10 +62,17 @@ final class EPPApp: Sendable {
             ])
         }
         source.start()
-        return EPPApp(servers: servers, health: health, logger: logger, drainTimeout: options.drainTimeout, group: group)
+        return EPPApp(servers: servers, health: health, logger: logger, drainTimeout: options.drainTimeout, group: group, source: source)
     }
 
-    private static func makeSource(_ options: EPPCommand, logger: Logger) throws -> StandaloneSource {
+    private static func makeSource(_ options: EPPCommand, group: any EventLoopGroup, health: HealthStatusStore,
+                                   logger: Logger) throws -> any RoutingSource {
+        if options.endpoints == nil && options.configDir == nil {
+            guard !options.poolName.isEmpty else {
+                throw ValidationFailure("give --pool-name (Kubernetes mode), or --endpoints / --config-dir (standalone mode)")
+            }
+            return try KubernetesSource(options: options, group: group, health: health, logger: logger)
+        }
         var endpoints: [Endpoint] = []
         if let list = options.endpoints, !list.isEmpty {
             do {
@@ -81,7 +91,7 @@ final class EPPApp: Sendable {
     func runUntilSignalled() async {
         await waitForTerminationSignal()
         logger.info("shutting down", metadata: ["drain-timeout": "\(drainTimeout)"])
-        for (_, status) in health.all.enumerated() where status.key != "liveness" { health.set(status.key, .notServing) }
+        for service in health.all.keys where service != "liveness" { health.set(service, .notServing) }
         for s in servers { s.initiateGracefulShutdown() }
         let deadline = DispatchTime.now().uptimeNanoseconds + UInt64(max(0, drainTimeout) * 1e9)
         while servers.contains(where: { $0.connectionCount > 0 }) && DispatchTime.now().uptimeNanoseconds < deadline {
@@ -90,6 +100,7 @@ final class EPPApp: Sendable {
         let left = servers.reduce(0) { $0 + $1.connectionCount }
         if left > 0 { logger.warning("drain timeout reached; closing remaining connections", metadata: ["connections": "\(left)"]) }
         for s in servers { await s.close() }
+        source.stop()
         try? await group.shutdownGracefully()
         logger.info("stopped")
     }

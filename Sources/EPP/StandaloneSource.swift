@@ -4,7 +4,14 @@ import Logging
 
 /// Standalone mode: endpoints from `--endpoints`, rules from the manifests in `--config-dir`
 /// (watched; a broken file keeps its last good content).
-final class StandaloneSource: Sendable {
+/// Where routing snapshots come from: manifests on disk or the Kubernetes API.
+protocol RoutingSource: Sendable {
+    var state: RoutingState { get }
+    func start()
+    func stop()
+}
+
+final class StandaloneSource: RoutingSource {
     let state: RoutingState
     private let watcher: ConfigDirectoryWatcher?
 
