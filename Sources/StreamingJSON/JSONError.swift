@@ -28,7 +28,7 @@ public enum JSONStringEncoding {
         var out: [UInt8] = []
         out.reserveCapacity(s.utf8.count + 2)
         out.append(0x22)
-        let hex: [UInt8] = Array("0123456789abcdef".utf8)
+        @inline(__always) func hex(_ v: UInt8) -> UInt8 { v < 10 ? 0x30 + v : 0x57 + v }
         for b in s.utf8 {
             switch b {
             case 0x22: out.append(0x5C); out.append(0x22)
@@ -39,7 +39,8 @@ public enum JSONStringEncoding {
             case 0x08: out.append(0x5C); out.append(UInt8(ascii: "b"))
             case 0x0C: out.append(0x5C); out.append(UInt8(ascii: "f"))
             case 0x00..<0x20:
-                out.append(contentsOf: [0x5C, UInt8(ascii: "u"), 0x30, 0x30, hex[Int(b >> 4)], hex[Int(b & 0xF)]])
+                out.append(0x5C); out.append(UInt8(ascii: "u")); out.append(0x30); out.append(0x30)
+                out.append(hex(b >> 4)); out.append(hex(b & 0xF))
             default: out.append(b)
             }
         }

@@ -65,8 +65,7 @@ public struct RequestBodyScanner: Sendable {
     /// Bytes consumed so far.
     public private(set) var bytesScanned: Int = 0
 
-    private let presenceKeyBytes: [[UInt8]]
-    private let affinityKeyBytes: [UInt8]?
+    private let affinityField: String?
     private let maxModelBytes: Int
     private let maxAffinityBytes: Int
     private let maxDepth: Int
@@ -76,15 +75,16 @@ public struct RequestBodyScanner: Sendable {
     private let presenceKeyNames: [String]
 
     public init(configuration: Configuration = Configuration()) {
+        // Keys stay Strings (compared as UTF-8 views) so that building a scanner per
+        // request allocates nothing.
         presenceKeyNames = configuration.presenceKeys
-        presenceKeyBytes = configuration.presenceKeys.map { Array($0.utf8) }
-        affinityKeyBytes = configuration.affinityField.map { Array($0.utf8) }
+        affinityField = configuration.affinityField
         maxModelBytes = configuration.maxModelBytes
         maxAffinityBytes = configuration.maxAffinityBytes
         maxDepth = configuration.maxDepth
         var longest = 6 // "stream"
-        for k in presenceKeyBytes { longest = max(longest, k.count) }
-        if let a = affinityKeyBytes { longest = max(longest, a.count) }
+        for k in presenceKeyNames { longest = max(longest, k.utf8.count) }
+        if let a = affinityField { longest = max(longest, a.utf8.count) }
         maxKeyBytes = longest
     }
 
@@ -238,6 +238,25 @@ public struct RequestBodyScanner: Sendable {
                     }
                     if i >= n { return }
                     stringByte(p[i], at: base + i)
+                } else if pendingHigh == 0 {
+                    // Captured string: append plain runs in bulk.
+                    var j = i
+                    while j < n {
+                        let c = p[j]
+                        if c >= 0x20 && c < 0x80 && c != 0x22 && c != 0x5C { j &+= 1; continue }
+                        if c >= 0x80 {
+                            let len = ByteClass.validUTF8Length(p, j, n)
+                            if len > 0 { j &+= len; continue }
+                        }
+                        break
+                    }
+                    if j > i {
+                        appendRun(p + i, j &- i, at: base + i)
+                        if state == .failed { i = j; return }
+                        i = j
+                        continue
+                    }
+                    stringByte(b, at: base + i)
                 } else {
                     stringByte(b, at: base + i)
                 }
@@ -553,6 +572,25 @@ public struct RequestBodyScanner: Sendable {
         }
     }
 
+    /// Bulk version of `appendRaw` for plain content (no pending surrogate).
+    private mutating func appendRun(_ q: UnsafePointer<UInt8>, _ len: Int, at offset: Int) {
+        let limit: Int
+        switch role {
+        case .key: limit = maxKeyBytes
+        case .model: limit = maxModelBytes
+        case .affinity: limit = maxAffinityBytes
+        case .skip: return
+        }
+        let take = min(max(0, limit &- capture.count), len)
+        if take > 0 {
+            if capture.capacity == 0 { capture.reserveCapacity(64) }
+            capture.append(contentsOf: UnsafeBufferPointer(start: q, count: take))
+        }
+        if take < len {
+            if role == .key { keyOverflow = true } else if role == .model { fail(offset &+ take, "model too long") }
+        }
+    }
+
     @inline(__always)
     private mutating func appendRaw(_ b: UInt8, at offset: Int) {
         switch role {
@@ -602,13 +640,11 @@ public struct RequestBodyScanner: Sendable {
             member = .model
         } else if k.count == 6 && k.elementsEqual("stream".utf8) {
             member = .stream
-        } else if let a = affinityKeyBytes, k == a {
+        } else if let a = affinityField, k.count == a.utf8.count, k.elementsEqual(a.utf8) {
             member = .affinity
         }
-        if !presenceKeyBytes.isEmpty {
-            for (idx, key) in presenceKeyBytes.enumerated() where key == k {
-                presentKeyMask |= 1 << UInt64(idx)
-            }
+        for (idx, key) in presenceKeyNames.enumerated() where k.count == key.utf8.count && k.elementsEqual(key.utf8) {
+            presentKeyMask |= 1 << UInt64(idx)
         }
     }
 }

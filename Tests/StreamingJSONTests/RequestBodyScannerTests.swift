@@ -235,9 +235,14 @@ final class RequestBodyScannerTests: XCTestCase {
 
     func testAffinityTruncatedAtCharacterBoundary() {
         let value = String(repeating: "é", count: 3000) // 6000 bytes
-        let r = scan(Array(("{\"user\":\"" + value + "\",\"model\":\"m\"}").utf8))
+        let body = Array(("{\"" + String(repeating: "k", count: 100) + "\":1,\"user\":\"a" + value + "\",\"model\":\"m\"}").utf8)
+        let r = scan(body)
         XCTAssertEqual(r.final, .complete)
-        XCTAssertEqual(r.affinity, String(repeating: "é", count: 2048))
+        XCTAssertEqual(r.affinity, "a" + String(repeating: "é", count: 2047))
+        XCTAssertEqual(r.model, "m")
+        var rng = SplitMix64(seed: 9)
+        XCTAssertEqual(scan(body, chunks: [1]), r)
+        for _ in 0..<20 { XCTAssertEqual(scan(body, chunks: randomChunks(body.count, &rng)), r) }
     }
 
     func testLargeRandomDocumentChunkings() {
