@@ -56,7 +56,8 @@ final class FakeAPIServer: @unchecked Sendable {
         self.port = port
         var logger = Logger(label: "test-admin")
         logger.logLevel = .error
-        admin = KubernetesClient(config: ClusterConfig(scheme: "http", host: "127.0.0.1", port: port), logger: logger)
+        admin = KubernetesClient(config: ClusterConfig(scheme: tlsDir == nil ? "http" : "https", host: "127.0.0.1", port: port,
+                                                      insecureSkipTLSVerify: true), logger: logger)
     }
 
     deinit { stop() }
