@@ -99,8 +99,8 @@ final class EPPApp: Sendable {
         }
         let left = servers.reduce(0) { $0 + $1.connectionCount }
         if left > 0 { logger.warning("drain timeout reached; closing remaining connections", metadata: ["connections": "\(left)"]) }
+        await source.stop()
         for s in servers { await s.close() }
-        source.stop()
         try? await group.shutdownGracefully()
         logger.info("stopped")
     }

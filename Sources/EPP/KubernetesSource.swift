@@ -49,12 +49,23 @@ final class KubernetesSource: RoutingSource {
         task.set(Task { await watcher.run() })
     }
 
-    func stop() { task.cancel() }
+    func stop() async { await task.cancelAndWait(upTo: .seconds(2)) }
 }
 
 /// Holds the watch task so it can be cancelled at shutdown.
 private final class TaskBox: Sendable {
     private let box = NIOLockedValueBox<Task<Void, Never>?>(nil)
     func set(_ t: Task<Void, Never>) { box.withLockedValue { $0 = t } }
-    func cancel() { box.withLockedValue { $0?.cancel() } }
+    /// Cancels the task and waits (bounded) for it to end, so nothing touches the event loops after
+    /// they shut down.
+    func cancelAndWait(upTo limit: Duration) async {
+        guard let task = box.withLockedValue({ $0 }) else { return }
+        task.cancel()
+        await withTaskGroup(of: Void.self) { group in
+            group.addTask { await task.value }
+            group.addTask { try? await Task.sleep(for: limit) }
+            await group.next()
+            group.cancelAll()
+        }
+    }
 }

@@ -8,7 +8,7 @@ import Logging
 protocol RoutingSource: Sendable {
     var state: RoutingState { get }
     func start()
-    func stop()
+    func stop() async
 }
 
 final class StandaloneSource: RoutingSource {
