@@ -12,9 +12,9 @@ import Darwin
 /// Which side of the handshake a handler plays.
 public enum TLSRole: Sendable {
     case server
-    /// `serverHostname` may be a DNS name or an IP literal (IPv6 with or without brackets). The certificate is checked against DNS or IP SANs
-    /// respectively (unless the context skips verification); a DNS name is also sent as SNI.
-    /// nil: no SNI and only the chain is verified.
+    /// `serverHostname` may be a DNS name or an IP literal (IPv6 with or without brackets). The certificate is
+    /// checked against DNS or IP SANs respectively (unless the context skips verification); a DNS name is also
+    /// sent as SNI. nil: no SNI and only the chain is verified.
     case client(serverHostname: String?)
 }
 
@@ -31,6 +31,10 @@ public struct TLSHandshakeCompleted: Sendable {
 /// (bad handshake, bad record, verification, ALPN) are fired as `TLSError` via `errorCaught` and the channel
 /// is closed. `close` sends close_notify first (best effort, bounded by a timeout).
 /// Event-loop confined, like every NIO handler.
+///
+/// Limits: a peer closing TCP without close_notify is reported as a plain channelInactive (HTTP/2 and gRPC frame
+/// their own ends, so truncation is detectable above); removing the handler mid-connection drops any TLS state
+/// it buffers; TLS 1.2 renegotiation is refused.
 public final class OpenSSLHandler: ChannelDuplexHandler, RemovableChannelHandler {
     public typealias InboundIn = ByteBuffer
     public typealias InboundOut = ByteBuffer
@@ -67,6 +71,9 @@ public final class OpenSSLHandler: ChannelDuplexHandler, RemovableChannelHandler
     private let ssl: OpaquePointer?
     private let rbio: OpaquePointer?   // owned by ssl
     private let wbio: OpaquePointer?   // owned by ssl
+    private let setupError: String?    // why ssl is nil, reported when the channel starts
+    private let handshakeTimeout: TimeAmount?
+    private var handshakeTimer: Scheduled<Void>?
     private var state = State.idle
     private var pendingWrites = CircularBuffer<PendingWrite>(initialCapacity: 8)
     private var flushedWriteCount = 0  // leading entries of pendingWrites covered by a flush
@@ -82,9 +89,14 @@ public final class OpenSSLHandler: ChannelDuplexHandler, RemovableChannelHandler
     /// The negotiated protocol version, e.g. "TLSv1.3" (nil before the handshake completes).
     public private(set) var negotiatedProtocolVersion: String?
 
-    public init(context: TLSContext, role: TLSRole) {
+    /// `handshakeTimeout`: a connection whose handshake has not completed this long after the channel became
+    /// active fails with a `TLSError` and is closed (stops idle or slow-drip peers from holding connections);
+    /// nil disables it.
+    public init(context: TLSContext, role: TLSRole, handshakeTimeout: TimeAmount? = .seconds(10)) {
         self.tlsContext = context
         self.role = role
+        self.handshakeTimeout = handshakeTimeout
+        var setupError: String?
         var ssl = SSL_new(context.ctx)
         var rbio = BIO_new(BIO_s_mem())
         var wbio = BIO_new(BIO_s_mem())
@@ -101,6 +113,7 @@ public final class OpenSSLHandler: ChannelDuplexHandler, RemovableChannelHandler
                 if let hostname, !Self.configureClientHostname(s, hostname, verify: context.verifiesPeer) {
                     SSL_free(s)
                     ssl = nil; rbio = nil; wbio = nil
+                    setupError = "invalid server host name \"\(hostname)\""
                 }
             }
         } else {
@@ -108,8 +121,10 @@ public final class OpenSSLHandler: ChannelDuplexHandler, RemovableChannelHandler
             if let r = rbio { BIO_free(r) }
             if let w = wbio { BIO_free(w) }
             ssl = nil; rbio = nil; wbio = nil
+            setupError = "cannot create the TLS session (out of memory?)"
         }
         ERR_clear_error()
+        self.setupError = setupError
         self.ssl = ssl
         self.rbio = rbio
         self.wbio = wbio
@@ -147,20 +162,20 @@ public final class OpenSSLHandler: ChannelDuplexHandler, RemovableChannelHandler
     }
 
     public func handlerRemoved(context: ChannelHandlerContext) {
-        closeTimeout?.cancel()
+        cancelTimers()
         closeTimeout = nil
         failPendingWrites(ChannelError.ioOnClosedChannel)
     }
 
     public func channelActive(context: ChannelHandlerContext) {
-        start(context: context)
+        // Downstream first: its channelActive writes (e.g. HTTP/2 SETTINGS) are buffered until the handshake is done.
         context.fireChannelActive()
+        start(context: context)
     }
 
     public func channelInactive(context: ChannelHandlerContext) {
         state = .closed
-        closeTimeout?.cancel()
-        closeTimeout = nil
+        cancelTimers()
         failPendingWrites(ChannelError.ioOnClosedChannel)
         if let promise = closePromise {
             closePromise = nil
@@ -172,10 +187,16 @@ public final class OpenSSLHandler: ChannelDuplexHandler, RemovableChannelHandler
     private func start(context: ChannelHandlerContext) {
         guard state == .idle else { return }
         guard ssl != nil else {
-            fail(context: context, error: TLSError.drainingQueue("cannot create the TLS session"))
+            fail(context: context, error: TLSError(setupError ?? "no TLS session"))
             return
         }
         state = .handshaking
+        if let handshakeTimeout {
+            handshakeTimer = context.eventLoop.assumeIsolated().scheduleTask(in: handshakeTimeout) {
+                guard self.state == .handshaking else { return }
+                self.fail(context: context, error: TLSError("TLS handshake timed out after \(handshakeTimeout)"))
+            }
+        }
         if case .client = role {
             doHandshake(context: context)  // sends the ClientHello
         }
@@ -229,6 +250,8 @@ public final class OpenSSLHandler: ChannelDuplexHandler, RemovableChannelHandler
         let rc = SSL_do_handshake(ssl)
         if rc == 1 {
             state = .active
+            handshakeTimer?.cancel()
+            handshakeTimer = nil
             var protocolName: UnsafePointer<UInt8>?
             var protocolLength: UInt32 = 0
             SSL_get0_alpn_selected(ssl, &protocolName, &protocolLength)
@@ -374,6 +397,7 @@ public final class OpenSSLHandler: ChannelDuplexHandler, RemovableChannelHandler
             context.close(mode: .all, promise: promise)
         case .idle, .handshaking:
             state = .closed
+            cancelTimers()
             failPendingWrites(ChannelError.ioOnClosedChannel)
             context.close(mode: .all, promise: promise)
         case .active:
@@ -398,8 +422,7 @@ public final class OpenSSLHandler: ChannelDuplexHandler, RemovableChannelHandler
     private func finishClose(context: ChannelHandlerContext) {
         guard state == .closing else { return }
         state = .closed
-        closeTimeout?.cancel()
-        closeTimeout = nil
+        cancelTimers()
         let promise = closePromise
         closePromise = nil
         context.close(mode: .all, promise: promise)
@@ -528,8 +551,7 @@ public final class OpenSSLHandler: ChannelDuplexHandler, RemovableChannelHandler
         ERR_clear_error()
         guard state != .closed else { return }
         state = .closed
-        closeTimeout?.cancel()
-        closeTimeout = nil
+        cancelTimers()
         if let wbio, BIO_ctrl_pending(wbio) > 0 {
             var out = context.channel.allocator.buffer(capacity: Int(BIO_ctrl_pending(wbio)))
             drainWriteBIO(into: &out)
@@ -540,6 +562,13 @@ public final class OpenSSLHandler: ChannelDuplexHandler, RemovableChannelHandler
         let promise = closePromise
         closePromise = nil
         context.close(mode: .all, promise: promise)
+    }
+
+    private func cancelTimers() {
+        handshakeTimer?.cancel()
+        handshakeTimer = nil
+        closeTimeout?.cancel()
+        closeTimeout = nil
     }
 
     private func failPendingWrites(_ error: Error) {

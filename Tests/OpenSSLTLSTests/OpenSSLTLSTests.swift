@@ -299,6 +299,40 @@ final class OpenSSLTLSTests: XCTestCase {
         XCTAssertEqual(String(buffer: try client.received.wait(seconds: 10)), "after")
     }
 
+    func testSilentClientHitsHandshakeTimeout() throws {
+        let server = try selfSignedServer()
+        let recorder = ServerRecorder()
+        let listener = try startTLSServer(group: group, recorder: recorder, handshakeTimeout: .milliseconds(200)) { server }
+        defer { try? listener.close().wait() }
+        let start = Date()
+        let silent = try connectTLSClient(group: group, port: listener.localAddress!.port!, tls: nil, hostname: nil)
+        XCTAssertNoThrow(try silent.inactive.wait(seconds: 10))
+        XCTAssertGreaterThanOrEqual(Date().timeIntervalSince(start), 0.19)
+        let error = try XCTUnwrap(recorder.waitForError())
+        XCTAssertTrue(error.contains("timed out"), error)
+
+        // A completed handshake is not affected by the timer.
+        let client = try connectTLSClient(
+            group: group, port: listener.localAddress!.port!, tls: try makeClientContext(trusting: server.certificatePEM),
+            hostname: "localhost", expectedBytes: 5, greeting: "alive")
+        XCTAssertEqual(String(buffer: try client.received.wait(seconds: 10)), "alive")
+        usleep(400_000)
+        XCTAssertTrue(client.channel.isActive)
+        XCTAssertEqual(recorder.errors.withLockedValue { $0.count }, 1)
+    }
+
+    func testInvalidHostNameFailsCleanly() throws {
+        let server = try selfSignedServer()
+        let listener = try startTLSServer(group: group, recorder: ServerRecorder()) { server }
+        defer { try? listener.close().wait() }
+        let client = try connectTLSClient(
+            group: group, port: listener.localAddress!.port!, tls: try makeClientContext(trusting: server.certificatePEM),
+            hostname: String(repeating: "a", count: 300) + ".example")  // longer than SNI allows
+        let error = try client.firstError.wait(seconds: 10)
+        XCTAssertTrue(error.contains("invalid server host name"), error)
+        XCTAssertNoThrow(try client.inactive.wait(seconds: 10))
+    }
+
     func testCorruptedRecordAfterHandshakeClosesWithError() throws {
         let server = try selfSignedServer()
         let recorder = ServerRecorder()

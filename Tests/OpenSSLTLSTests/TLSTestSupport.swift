@@ -79,14 +79,15 @@ final class EchoServerHandler: ChannelInboundHandler {
 }
 
 func startTLSServer(
-    group: EventLoopGroup, recorder: ServerRecorder, echo: Bool = true, tls: (@Sendable () -> TLSContext)?
+    group: EventLoopGroup, recorder: ServerRecorder, echo: Bool = true, handshakeTimeout: TimeAmount? = .seconds(10),
+    tls: (@Sendable () -> TLSContext)?
 ) throws -> Channel {
     try ServerBootstrap(group: group)
         .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
         .childChannelInitializer { channel in
             channel.eventLoop.makeCompletedFuture {
                 if let tls {
-                    try channel.pipeline.syncOperations.addHandler(OpenSSLHandler(context: tls(), role: .server))
+                    try channel.pipeline.syncOperations.addHandler(OpenSSLHandler(context: tls(), role: .server, handshakeTimeout: handshakeTimeout))
                 }
                 try channel.pipeline.syncOperations.addHandler(EchoServerHandler(recorder: recorder, echo: echo))
             }
