@@ -1,0 +1,389 @@
+"""End to end through a real Envoy 1.40: client → Envoy (ext_proc FULL_DUPLEX_STREAMED) → epp → fake vLLM."""
+import collections
+import http.client
+import json
+import os
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+import stack
+from e2e_clients import completion, h2_request, request, sha256, spliced
+
+STABLE, CANARY = "facebook/opt-125m", "facebook/opt-125m-canary"
+TARGETS = {STABLE, CANARY}
+
+
+def hammer(port, n, threads=16, body_fn=None, path="/v1/completions", timeout=30):
+    """n requests over `threads` keep-alive HTTP/1.1 connections. Returns [(status, headers, body, t)]."""
+    counter = iter(range(n))
+    lock = threading.Lock()
+    results = []
+
+    def worker():
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+        local = []
+        while True:
+            with lock:
+                i = next(counter, None)
+            if i is None:
+                break
+            body = body_fn(i) if body_fn else completion(prompt=f"request {i}")
+            try:
+                r = request(port, "POST", path, body, conn=conn)
+                local.append((r.status, r.headers, r.body, time.monotonic()))
+            except (OSError, http.client.HTTPException) as e:
+                local.append((-1, {}, repr(e).encode(), time.monotonic()))
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+        conn.close()
+        with lock:
+            results.extend(local)
+
+    with ThreadPoolExecutor(threads) as ex:
+        for f in [ex.submit(worker) for _ in range(threads)]:
+            f.result(timeout=300)
+    return results
+
+
+@pytest.mark.xfail(reason="picker bug 1 in docs/bugs-from-e2e.md: after ~1,000 + 33/s requests per Envoy connection "
+                          "the EPP sends GOAWAY and in-flight requests get 500", strict=False)
+def test_seed_split_5000_requests(seed_gateway):
+    gw = seed_gateway
+    gw.reset_backends()
+    n = 5000
+    results = hammer(gw.port, n, threads=16)
+    assert len(results) == n
+    bad = [r for r in results if r[0] != 200]
+    assert not bad, f"{len(bad)} failed, first: {bad[0][0]} {bad[0][2][:300]!r}"
+    by_header = collections.Counter(r[1].get("x-gateway-target-model") for r in results)
+    assert set(by_header) == TARGETS, by_header
+    canary_pct = 100.0 * by_header[CANARY] / n
+    assert 8.0 <= canary_pct <= 12.0, f"canary share {canary_pct:.2f}% (header counts {by_header})"
+    # The backend served what the header says, and the client sees the alias.
+    for status, headers, body, _ in results:
+        assert headers.get("x-fake-model") == headers.get("x-gateway-target-model")
+        assert json.loads(body)["model"] == "opt-stable"
+    # Counted from what the backends saw.
+    stats = gw.backend_stats()
+    seen = collections.Counter()
+    for s in stats.values():
+        seen.update(s["by_model"])
+    assert sum(seen.values()) == n, stats
+    assert seen[CANARY] == by_header[CANARY] and seen[STABLE] == by_header[STABLE], (seen, by_header)
+    # Every backend got traffic (least-in-flight, ties at random) and saw its own address as destination.
+    for addr, s in stats.items():
+        assert s["requests"] > n * 0.2, stats
+    for rec in gw.backend_last():
+        assert rec["destination"] == rec["backend"]
+    print(f"\nseed split over {n}: {dict(by_header)} canary={canary_pct:.2f}%")
+
+
+def test_sse_stream_arrives_chunk_by_chunk(seed_gateway):
+    gw = seed_gateway
+    conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=30)
+    body = completion(stream=True, max_tokens=6)
+    conn.request("POST", "/v1/completions", body, {"content-type": "application/json", "x-fake-chunk-delay-ms": "150"})
+    r = conn.getresponse()
+    assert r.status == 200
+    assert r.getheader("content-type").startswith("text/event-stream")
+    target = r.getheader("x-gateway-target-model")
+    assert target in TARGETS
+    t0 = time.monotonic()
+    events, buf = [], b""
+    while time.monotonic() - t0 < 20:
+        piece = r.read1(65536)
+        if not piece:
+            break
+        buf += piece
+        while b"\n\n" in buf:
+            ev, buf = buf.split(b"\n\n", 1)
+            events.append((time.monotonic() - t0, ev))
+    conn.close()
+    data = [e for _, e in events if e.startswith(b"data: ")]
+    assert data[-1] == b"data: [DONE]"
+    payloads = [json.loads(e[6:]) for e in data[:-1]]
+    assert len(payloads) == 7
+    assert all(p["model"] == "opt-stable" for p in payloads), payloads
+    assert payloads[0]["echo"]["model"] == target
+    # Arrival times at the client follow the backend's 150 ms pacing: streamed, not buffered.
+    times = [t for t, e in events if e.startswith(b"data: ")]
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    assert sum(1 for g in gaps if g > 0.08) >= 5, f"events not spread out: {times}"
+    assert times[-1] - times[0] > 0.7
+
+
+def test_sse_chat_stream_h2c_model_restored(seed_gateway):
+    body = json.dumps({"model": "opt-stable", "messages": [{"role": "user", "content": "hi"}],
+                       "stream": True, "max_tokens": 4}).encode()
+    r = h2_request(seed_gateway.port, "POST", "/v1/chat/completions", body, headers={"x-fake-chunk-delay-ms": "100"})
+    assert r.status == 200 and r.reset is None, r
+    events = [e for e in r.body.split(b"\n\n") if e.startswith(b"data: ")]
+    assert events[-1] == b"data: [DONE]"
+    assert all(json.loads(e[6:])["model"] == "opt-stable" for e in events[:-1])
+    assert r.data_times[-1] - r.data_times[0] > 0.3, r.data_times
+
+
+@pytest.mark.parametrize("size,model_first", [(int(1.2 * 1024 * 1024), True), (int(1.2 * 1024 * 1024), False),
+                                              (50 * 1024 * 1024, True)],
+                         ids=["1.2MiB-model-first", "1.2MiB-model-last", "50MiB-model-first"])
+def test_large_body_byte_identical(seed_gateway, size, model_first):
+    gw = seed_gateway
+    filler = (b"lorem ipsum \\\"dolor\\\" sit amet \\u00e9 " * (size // 30 + 1))[: size - 100]
+    if model_first:
+        body = b'{"model":"opt-stable","max_tokens":3,"prompt":"' + filler + b'"}'
+    else:
+        body = b'{"max_tokens":3,"prompt":"' + filler + b'","model":"opt-stable"}'
+    t0 = time.monotonic()
+    r = request(gw.port, "POST", "/v1/completions", body, timeout=120)
+    elapsed = time.monotonic() - t0
+    assert r.status == 200, r
+    target = r.header("x-gateway-target-model")
+    assert target in TARGETS
+    expected = spliced(body, "opt-stable", target)
+    assert int(r.header("x-fake-body-len")) == len(expected)
+    assert r.header("x-fake-body-sha256") == sha256(expected)
+    assert r.header("x-fake-chunked") == "true"  # Envoy dropped content-length
+    assert r.json()["model"] == "opt-stable"
+    print(f"\n{len(body)} bytes through Envoy+EPP in {elapsed:.2f}s")
+
+
+def test_h2c_client(seed_gateway):
+    r = h2_request(seed_gateway.port, "POST", "/v1/completions", completion(prompt="over h2c"))
+    assert r.status == 200 and r.reset is None, r
+    assert r.header("x-gateway-target-model") in TARGETS
+    assert r.json()["model"] == "opt-stable"
+    assert r.header("x-fake-model") == r.header("x-gateway-target-model")
+
+
+def test_h2c_client_curl(seed_gateway, tmp_path):
+    import subprocess
+    out = subprocess.run(["curl", "-sS", "--http2-prior-knowledge", "-i", "--max-time", "20",
+                          f"http://127.0.0.1:{seed_gateway.port}/v1/completions", "-H", "content-type: application/json",
+                          "-d", completion().decode()], capture_output=True, timeout=30)
+    text = out.stdout.decode()
+    assert text.startswith("HTTP/2 200"), text + out.stderr.decode()
+    assert "x-gateway-target-model: facebook/opt-125m" in text
+    assert '"model": "opt-stable"' in text
+
+
+def test_h2c_request_trailers(seed_gateway):
+    body = completion(prompt="with trailers " * 1000)
+    r = h2_request(seed_gateway.port, "POST", "/v1/completions", body, trailers=[("x-trailer-one", "1")])
+    assert r.status == 200 and r.reset is None, r
+    target = r.header("x-gateway-target-model")
+    assert r.header("x-fake-body-sha256") == sha256(spliced(body, "opt-stable", target))
+    assert r.json()["model"] == "opt-stable"
+
+
+def test_h2c_large_body_with_trailers(seed_gateway):
+    body = b'{"prompt":"' + b"x" * 300_000 + b'","model":"opt-stable"}'
+    r = h2_request(seed_gateway.port, "POST", "/v1/completions", body, trailers=[("x-t", "v")], timeout=60)
+    assert r.status == 200 and r.reset is None, r
+    assert r.header("x-fake-body-sha256") == sha256(spliced(body, "opt-stable", r.header("x-gateway-target-model")))
+
+
+def test_get_is_routed(seed_gateway):
+    r = request(seed_gateway.port, "GET", "/v1/models")
+    assert r.status == 200, r
+    d = r.json()
+    assert {m["id"] for m in d["data"]} == TARGETS
+    assert d["echo"]["destination"] == d["echo"]["backend"]
+    assert r.header("x-fake-destination") in {b.address for b in seed_gateway.backends}
+
+
+def test_request_id_reaches_backend(seed_gateway):
+    # With use_remote_address (as in GIE's config) Envoy replaces an edge client's x-request-id
+    # (preserve_external_request_id defaults to false) before ext_proc sees it; the picker forwards it.
+    import re
+    r = request(seed_gateway.port, "POST", "/v1/completions", completion(), headers={"x-request-id": "my-id-123"})
+    rid = r.json()["echo"]["request_id"]
+    assert re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", rid), rid
+    entries = seed_gateway.access_log(lambda es: any(e["request_id"] == rid for e in es))
+    assert any(e["request_id"] == rid for e in entries)
+
+
+def _assert_openai_error(r, status):
+    assert r.status == status, r
+    assert r.header("content-type") == "application/json"
+    err = r.json()["error"]
+    assert isinstance(err["message"], str) and err["message"]
+    assert isinstance(err["type"], str) and err["code"] == status
+    return err
+
+
+def test_invalid_json_400(seed_gateway):
+    gw = seed_gateway
+    gw.reset_backends()
+    r = request(gw.port, "POST", "/v1/completions", b'{"model": "opt-stable", "prompt": tru}')
+    _assert_openai_error(r, 400)
+    r = request(gw.port, "POST", "/v1/completions", b'not json at all')
+    _assert_openai_error(r, 400)
+    time.sleep(0.1)
+    assert sum(s["requests"] for s in gw.backend_stats().values()) == 0
+    details = [e["details"] for e in gw.access_log(lambda es: sum(str(e["code"]) == "400" for e in es) >= 2)
+               if str(e["code"]) == "400"]
+    assert any("epp_" in d for d in details), details
+
+
+def test_missing_model_400(seed_gateway):
+    r = request(seed_gateway.port, "POST", "/v1/completions", b'{"prompt":"hi","max_tokens":3}')
+    err = _assert_openai_error(r, 400)
+    assert "model" in err["message"]
+    r = request(seed_gateway.port, "POST", "/v1/completions", b'{"model":42,"prompt":"hi"}')
+    _assert_openai_error(r, 400)
+    r = request(seed_gateway.port, "POST", "/v1/chat/completions", b'{"model":"opt-stable"}')
+    _assert_openai_error(r, 400)
+
+
+def test_no_endpoints_503(gateway_factory):
+    gw = gateway_factory(endpoints=[], name="noendpoints")
+    r = request(gw.port, "POST", "/v1/completions", completion())
+    _assert_openai_error(r, 503)
+    r = request(gw.port, "GET", "/v1/models")
+    assert r.status == 503
+
+
+def test_endpoint_pointing_nowhere_503(gateway_factory):
+    gw = gateway_factory(endpoints=["127.0.0.1:1"], name="nowhere")
+    r = request(gw.port, "POST", "/v1/completions", completion())
+    assert r.status == 503, r  # Envoy: upstream connection refused (UF)
+    log = gw.access_log(lambda es: len(es) >= 1)
+    assert log and "UF" in log[-1]["flags"], log[-1:]
+    assert log[-1]["upstream_host"] == "127.0.0.1:1"
+
+
+def test_oversize_413(gateway_factory):
+    gw = gateway_factory(extra=["--max-request-body-bytes", "1000"], name="small")
+    r = request(gw.port, "POST", "/v1/completions", completion(prompt="x" * 900))
+    assert r.status == 413 or r.status == 200  # 900 + JSON overhead is just under/over: see next
+    r = request(gw.port, "POST", "/v1/completions", completion(prompt="x" * 100))
+    assert r.status == 200, r
+    r = request(gw.port, "POST", "/v1/completions", completion(prompt="x" * 5000))
+    _assert_openai_error(r, 413)
+    # Model last in a big body: refused while held, never reaches a backend.
+    r = request(gw.port, "POST", "/v1/completions", b'{"prompt":"' + b"y" * 200_000 + b'","model":"opt-stable"}')
+    _assert_openai_error(r, 413)
+    # Model first: routing began, the cap still ends it with 413 (HTTP/1.1 client sees it).
+    r = request(gw.port, "POST", "/v1/completions", b'{"model":"opt-stable","prompt":"' + b"y" * 200_000 + b'"}')
+    _assert_openai_error(r, 413)
+    details = [e["details"] for e in gw.access_log(lambda es: sum(str(e["code"]) == "413" for e in es) >= 3)
+               if str(e["code"]) == "413"]
+    assert details and all("epp_request_body_too_large" in d for d in details), details
+
+
+def test_rule_change_under_traffic(gateway_factory):
+    gw = gateway_factory(name="rulechange")
+    rule = gw.config_dir / "opt-stable.yaml"
+    stop = threading.Event()
+    results = []
+    lock = threading.Lock()
+
+    def worker():
+        conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=30)
+        local = []
+        deadline = time.monotonic() + 20
+        while not stop.is_set() and time.monotonic() < deadline:
+            try:
+                r = request(gw.port, "POST", "/v1/completions", completion(), conn=conn)
+                local.append((time.monotonic(), r.status, r.header("x-gateway-target-model"), r.json().get("model")))
+            except Exception as e:
+                local.append((time.monotonic(), -1, repr(e), None))
+                conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=30)
+        with lock:
+            results.extend(local)
+
+    threads = [threading.Thread(target=worker) for _ in range(6)]
+    for t in threads:
+        t.start()
+    time.sleep(1.5)
+    t_change = time.monotonic()
+    # Promote the canary: one target, all traffic.
+    stack.write_rule_atomically(rule, stack.rewrite_rule([(CANARY, 100)]))
+    time.sleep(2.5)
+    t_change2 = time.monotonic()
+    # And back to a 50/50 split, written in place (not atomically) this time.
+    rule.write_text(stack.rewrite_rule([(STABLE, 50), (CANARY, 50)]))
+    time.sleep(2.5)
+    stop.set()
+    for t in threads:
+        t.join(timeout=30)
+    results.sort()
+    errors = [r for r in results if r[1] != 200 or r[3] != "opt-stable"]
+    assert not errors, f"{len(errors)} errors, first {errors[:3]}"
+    before = [r for r in results if r[0] < t_change]
+    assert before and collections.Counter(r[2] for r in before)[STABLE] > len(before) * 0.7
+    # After the atomic rewrite: all canary from at most 1 s on.
+    window = [r for r in results if t_change + 1.0 <= r[0] < t_change2]
+    assert window and all(r[2] == CANARY for r in window), collections.Counter(r[2] for r in window)
+    first_all_canary = min((r[0] for r in results if r[0] >= t_change and r[2] == CANARY
+                            and all(x[2] == CANARY for x in results if r[0] <= x[0] < t_change2)), default=None)
+    assert first_all_canary is not None and first_all_canary - t_change <= 1.0
+    after = [r for r in results if r[0] >= t_change2 + 1.0]
+    c = collections.Counter(r[2] for r in after)
+    assert len(after) > 100 and 0.35 < c[STABLE] / len(after) < 0.65, c
+    print(f"\nrule change: {len(results)} requests, 0 errors; canary-only after {first_all_canary - t_change:.3f}s; "
+          f"then 50/50 → {dict(c)}")
+
+
+def test_invalid_json_after_routing_began(seed_gateway):
+    """Model first, garbage late in a large body: the client gets 400 and the backend never gets the whole request."""
+    gw = seed_gateway
+    gw.reset_backends()
+    prompt = b"z" * (2 * 1024 * 1024)
+    body = b'{"model":"opt-stable","prompt":"' + prompt + b'", oops this is not JSON }'
+    sock = socket.create_connection(("127.0.0.1", gw.port), timeout=30)
+    head = (f"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\n\r\n").encode()
+    sock.sendall(head)
+    # Send the start, give Envoy time to route and open the upstream request, then the rest.
+    sock.sendall(body[:256 * 1024])
+    time.sleep(0.5)
+    mid = gw.backend_stats()
+    try:
+        sock.sendall(body[256 * 1024:])
+    except OSError:
+        pass
+    sock.settimeout(10)
+    resp = b""
+    try:
+        while True:
+            piece = sock.recv(65536)
+            if not piece:
+                break
+            resp += piece
+    except socket.timeout:
+        pass
+    sock.close()
+    head_part, _, rbody = resp.partition(b"\r\n\r\n")
+    assert head_part.startswith(b"HTTP/1.1 400"), resp[:500]
+    assert b"connection: close" in head_part.lower()
+    assert json.loads(rbody[: rbody.rfind(b"}") + 1])["error"]["code"] == 400
+    time.sleep(0.5)
+    stats = gw.backend_stats()
+    # Early routing: the backend connection was already open during the upload ...
+    assert any(s["running"] >= 0 for s in mid.values())
+    # ... and the backend never completed a request: Envoy closed the upstream mid-body.
+    assert sum(s["requests"] for s in stats.values()) == 0, stats
+    incomplete = sum(s["incomplete"] for s in stats.values())
+    partial = [b for s in stats.values() for b in s["incomplete_bytes"]]
+    assert incomplete == 1, stats
+    assert 0 < partial[0] < len(body), partial
+    print(f"\nbackend saw {partial[0]} of {len(body)} bytes, then the upstream connection closed")
+
+
+def test_invalid_json_after_routing_began_h2(seed_gateway):
+    """Same over HTTP/2: Envoy sends the 400 then resets the stream (notes); either way no complete upstream request."""
+    gw = seed_gateway
+    gw.reset_backends()
+    body = b'{"model":"opt-stable","prompt":"' + b"q" * (1024 * 1024) + b'" garbage'
+    r = h2_request(gw.port, "POST", "/v1/completions", body, timeout=30)
+    assert r.status == 400 or r.reset is not None, r
+    if r.status == 400:
+        assert json.loads(r.body)["error"]["code"] == 400
+    time.sleep(0.5)
+    stats = gw.backend_stats()
+    assert sum(s["requests"] for s in stats.values()) == 0, stats
