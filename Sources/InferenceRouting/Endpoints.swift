@@ -91,9 +91,19 @@ extension StringProtocol {
 /// An endpoint plus its live in-flight request count, shared across snapshots.
 public final class EndpointRecord: Sendable {
     public let endpoint: Endpoint
-    private let inFlight = ManagedAtomic<Int>(0)
+    private let inFlight: ManagedAtomic<Int>
 
-    public init(endpoint: Endpoint) { self.endpoint = endpoint }
+    public init(endpoint: Endpoint) {
+        self.endpoint = endpoint
+        self.inFlight = ManagedAtomic(0)
+    }
+
+    /// A record for changed metadata (e.g. pod name) at the same address: shares the counter,
+    /// so requests begun on `other` still end correctly.
+    init(endpoint: Endpoint, sharingCounterOf other: EndpointRecord) {
+        self.endpoint = endpoint
+        self.inFlight = other.inFlight
+    }
 
     /// Call when a request is sent to this endpoint.
     @inline(__always) public func begin() { inFlight.wrappingIncrement(ordering: .relaxed) }
@@ -119,9 +129,7 @@ public final class EndpointSet: Sendable {
                 r = old
             } else if let old = previous?.byAddress[e.address] {
                 // Same address, changed metadata (e.g. pod name): keep the count going.
-                r = EndpointRecord(endpoint: e)
-                let n = old.inFlightCount
-                for _ in 0..<max(0, n) { r.begin() }
+                r = EndpointRecord(endpoint: e, sharingCounterOf: old)
             } else {
                 r = EndpointRecord(endpoint: e)
             }

@@ -76,5 +76,12 @@ final class EndpointsTests: XCTestCase {
         var rng = SplitMix64(seed: 1)
         XCTAssertEqual(b.pick(subset: nil, using: &rng)?.endpoint.address, "10.0.0.3:80")
         XCTAssertNil(EndpointSet.empty.pick(subset: nil, using: &rng))
+        // Same address, new pod name: a new record that shares the in-flight counter.
+        let c = EndpointSet(endpoints: [Endpoint(host: "10.0.0.1", port: 80, podName: "pod-b")], previous: b)
+        XCTAssertFalse(c.records[0] === a.records[0])
+        XCTAssertEqual(c.records[0].endpoint.podName, "pod-b")
+        XCTAssertEqual(c.records[0].inFlightCount, 1)
+        a.records[0].end()
+        XCTAssertEqual(c.records[0].inFlightCount, 0)
     }
 }

@@ -142,6 +142,20 @@ final class ResponseModelRewriterTests: XCTestCase {
         }
     }
 
+    func testSSEMultiLineDataAndOtherFields() {
+        let body = "id: 1\nevent: chunk\ndata: {\"model\":\ndata:  \"x\", \"usage\": {\"total_tokens\":\r\ndata: 9}}\n\nretry: 5\ndata: \"model\" is not json\n\ndata: {\"model\": \"y\"}\n\n"
+        let expected = body.replacingOccurrences(of: "\"x\"", with: "\"Z\"").replacingOccurrences(of: "\"y\"", with: "\"Z\"")
+        var rng = SplitMix64(seed: 21)
+        let bytes = Array(body.utf8)
+        for round in 0..<100 {
+            let (out, rw) = rewrite(bytes, mode: .sse, replacement: "Z", chunks: round == 0 ? [1] : randomChunks(bytes.count, &rng))
+            XCTAssertEqual(String(decoding: out, as: UTF8.self), expected)
+            XCTAssertEqual(rw.replacements, 2)
+            XCTAssertEqual(rw.usage.totalTokens, 9)
+            XCTAssertEqual(rw.observedModel, "y")
+        }
+    }
+
     func testModeForContentType() {
         XCTAssertEqual(ResponseModelRewriter.mode(forContentType: "text/event-stream; charset=utf-8"), .sse)
         XCTAssertEqual(ResponseModelRewriter.mode(forContentType: "application/json"), .json)
