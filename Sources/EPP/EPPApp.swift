@@ -29,7 +29,8 @@ final class EPPApp: Sendable {
     static let extProcServiceName = "envoy.service.ext_proc.v3.ExternalProcessor"
 
     static func start(_ options: EPPCommand, logger: Logger) async throws -> EPPApp {
-        let group = MultiThreadedEventLoopGroup(numberOfThreads: System.coreCount)
+        let threads = options.eventLoopThreads > 0 ? options.eventLoopThreads : min(System.coreCount, allowedCPUCount() ?? .max)
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: max(1, threads))
         let health = HealthStatusStore([
             "": .serving, "liveness": .serving, "readiness": .serving, extProcServiceName: .serving,
         ])
@@ -118,6 +119,19 @@ final class EPPApp: Sendable {
             }
         }
     }
+}
+
+/// CPUs this process may run on (`taskset`, container cpusets), from /proc/self/status: more event
+/// loops than that only adds context switches.
+func allowedCPUCount() -> Int? {
+    guard let status = try? String(contentsOfFile: "/proc/self/status", encoding: .utf8),
+          let line = status.split(separator: "\n").first(where: { $0.hasPrefix("Cpus_allowed_list:") }) else { return nil }
+    var count = 0
+    for part in line.dropFirst("Cpus_allowed_list:".count).split(separator: ",") {
+        let bounds = part.split(separator: "-").compactMap { Int($0.trimmingCharacters(in: .whitespaces)) }
+        if bounds.count == 2 { count += bounds[1] - bounds[0] + 1 } else if bounds.count == 1 { count += 1 }
+    }
+    return count > 0 ? count : nil
 }
 
 struct ValidationFailure: Error, CustomStringConvertible {

@@ -16,6 +16,7 @@ public struct EPPCommand: AsyncParsableCommand {
     @Option(help: "Seconds in-flight streams may take after SIGTERM/SIGINT.") var drainTimeout: Double = 30
     @Option(help: "Largest gRPC message accepted, in bytes.") var maxMessageBytes = 4 << 20
     @Option(help: "trace, debug, info, notice, warning, error or critical.") var logLevel = "info"
+    @Option(help: "Event-loop threads serving connections (0: one per available core).") var eventLoopThreads = 0
     @Option(help: .hidden) var enableTestEchoService = false
 
     @Option(help: "Standalone endpoints: ip:port,ip:port (IPv6 as [addr]:port).") var endpoints: String?
