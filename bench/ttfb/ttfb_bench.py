@@ -1,0 +1,97 @@
+#!/usr/bin/env python3
+"""Bench (c): time to first byte of a `stream: true` completion with a 220 KB prompt, through Envoy 1.40
+with the EPP (ext_proc FULL_DUPLEX_STREAMED) and without it (same Envoy, listener without the filter).
+
+Backend: the fake vLLM (demo/fake_vllm.py) in streaming mode: it reads the whole body, then sends the
+first SSE event at once. TTFB = request start → first SSE `data:` bytes at the client (HTTP/1.1,
+fresh keep-alive connection per path, alternating paths). Floor: the EPP adds ≤ 5 ms (median).
+The reference EPP adds 150 ms or more here (GIE #2928).
+"""
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import extproc_benchlib as bl  # noqa: E402
+from extproc_benchlib import stack  # noqa: E402
+
+ITER = int(os.environ.get("BENCH_TTFB_ITER", "40"))
+PROMPT = int(os.environ.get("BENCH_TTFB_PROMPT", str(220 * 1000)))
+FLOOR_MS = 5.0
+
+
+def one(port, body, headers, sock_holder):
+    if sock_holder.get(port) is None:
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock_holder[port] = s
+    s = sock_holder[port]
+    head = (f"POST /v1/completions HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\nx-fake-chunk-delay-ms: 0\r\n{headers}\r\n").encode()
+    t0 = time.perf_counter()
+    s.sendall(head + body)
+    buf = b""
+    ttfb = None
+    deadline = time.monotonic() + 10
+    # Read the first event, then the rest of the chunked response (until the terminating chunk).
+    while time.monotonic() < deadline:
+        piece = s.recv(65536)
+        if not piece:
+            raise RuntimeError("connection closed")
+        buf += piece
+        if ttfb is None and b"data: " in buf:
+            ttfb = (time.perf_counter() - t0) * 1000
+        if buf.endswith(b"\r\n0\r\n\r\n"):
+            break
+    assert buf.startswith(b"HTTP/1.1 200"), buf[:200]
+    return ttfb, buf
+
+
+def main():
+    st = stack.Stack()
+    try:
+        bport = stack.free_port("127.0.0.2")
+        backend = st.fake_vllm("127.0.0.2", bport, chunk_delay_ms=0)
+        epp = st.epp([backend.address], config_dir=stack.DEMO / "config", configuration="release", cpu=bl.SERVER_CPU,
+                     log_level="warning")
+        gw_port, direct_port = stack.free_port(), stack.free_port()
+        st.envoy(epp_port=epp.grpc_port, port=gw_port, direct_port=direct_port, concurrency=1, access_log=False,
+                 name="gateway-envoy")
+        prompt = ("The quick brown fox jumps over the lazy dog. " * (PROMPT // 45 + 1))[:PROMPT]
+        body = json.dumps({"model": "opt-stable", "prompt": prompt, "max_tokens": 4, "stream": True}).encode()
+        hdr = f"x-gateway-destination-endpoint: {backend.address}\r\n"
+        socks = {}
+        res = {"direct": [], "via EPP": []}
+        for i in range(ITER + 3):
+            for name, port in (("direct", direct_port), ("via EPP", gw_port)) if i % 2 else \
+                    (("via EPP", gw_port), ("direct", direct_port)):
+                t, buf = one(port, body, hdr, socks)
+                if name == "via EPP":
+                    assert b'"model": "opt-stable"' in buf and b"x-gateway-target-model" in buf.lower()
+                if i >= 3:
+                    res[name].append(t)
+        for s in socks.values():
+            s.close()
+        rows = []
+        for name, ts in res.items():
+            rows.append([name, f"{len(body):,}", len(ts), f"{bl.percentile(ts, 0.5):.2f}", f"{bl.percentile(ts, 0.9):.2f}",
+                         f"{min(ts):.2f}"])
+        print(f"\n(c) TTFB of a stream:true completion with a {len(body) / 1000:.0f} KB body through Envoy 1.40 "
+              f"(HTTP/1.1, fake vLLM backend), {ITER} alternating requests per path")
+        print(bl.table(["path", "body bytes", "n", "p50 ms", "p90 ms", "min ms"], rows))
+        added = bl.percentile(res["via EPP"], 0.5) - bl.percentile(res["direct"], 0.5)
+        added90 = bl.percentile(res["via EPP"], 0.9) - bl.percentile(res["direct"], 0.9)
+        ok = added <= FLOOR_MS
+        print(f"EPP adds {added:.2f} ms at p50 ({added90:.2f} ms at p90) vs floor ≤ {FLOOR_MS} ms → {bl.verdict(ok)} "
+              f"(ratio via/direct p50 {bl.percentile(res['via EPP'], 0.5) / bl.percentile(res['direct'], 0.5):.2f}; "
+              f"reference EPP: +150 ms or more)")
+        return 0 if ok or not bl.ENFORCE else 1
+    finally:
+        st.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
