@@ -115,7 +115,8 @@ def ext_proc_filter(epp_port, body_mode="FULL_DUPLEX_STREAMED", response_body_mo
 
 
 def render(port=8081, admin_port=19000, epp_port=9002, direct_port=None, backend_port=None,
-           access_log="/dev/stdout", body_mode="FULL_DUPLEX_STREAMED", buffer_limit=32768):
+           access_log="/dev/stdout", body_mode="FULL_DUPLEX_STREAMED", buffer_limit=32768, header_routing=True):
+    """header_routing=False: the ORIGINAL_DST cluster uses only the envoy.lb dynamic metadata."""
     listeners = []
     if port:
         listeners.append(_hcm("gateway", port, [ext_proc_filter(epp_port, body_mode), ROUTER], access_log,
@@ -138,11 +139,9 @@ def render(port=8081, admin_port=19000, epp_port=9002, direct_port=None, backend
         "lb_policy": "CLUSTER_PROVIDED",
         "circuit_breakers": {"thresholds": [
             {"max_connections": 40000, "max_pending_requests": 40000, "max_requests": 40000}]},
-        "original_dst_lb_config": {
-            "use_http_header": True,
-            "http_header_name": "x-gateway-destination-endpoint",
-            "metadata_key": {"key": "envoy.lb", "path": [{"key": "x-gateway-destination-endpoint"}]},
-        },
+        "original_dst_lb_config": dict(
+            {"use_http_header": True, "http_header_name": "x-gateway-destination-endpoint"} if header_routing else {},
+            metadata_key={"key": "envoy.lb", "path": [{"key": "x-gateway-destination-endpoint"}]}),
     }]
     if port:
         clusters.append({

@@ -73,7 +73,7 @@ def gateway_factory(tmp_path_factory, backends):
     """make(endpoints=None (the two backends), extra=(), rules=SEED_RULE) → Gateway, stopped at session end."""
     stacks = []
 
-    def make(endpoints=None, extra=(), rules=stack.SEED_RULE, name="gw"):
+    def make(endpoints=None, extra=(), rules=stack.SEED_RULE, name="gw", header_routing=True):
         d = tmp_path_factory.mktemp(name)
         config_dir = d / "config"
         config_dir.mkdir()
@@ -83,7 +83,7 @@ def gateway_factory(tmp_path_factory, backends):
         stacks.append(st)
         eps = [b.address for b in backends] if endpoints is None else endpoints
         epp = st.epp(eps, config_dir=config_dir, extra=list(extra))
-        envoy = st.envoy(epp_port=epp.grpc_port, port=stack.free_port())
+        envoy = st.envoy(epp_port=epp.grpc_port, port=stack.free_port(), header_routing=header_routing)
         return Gateway(st, epp, envoy, backends, config_dir)
 
     yield make

@@ -179,6 +179,20 @@ def test_streamed_mode(epp):
     assert code == grpc.StatusCode.OK
 
 
+def test_none_mode_routes_on_headers(epp):
+    async def go(ch):
+        s = Stream(ch)
+        await s.send(req_headers(mode=NONE))
+        h = await s.recv(timeout=3)
+        await s.send(resp_headers())
+        rh = await s.recv(timeout=3)
+        rest, code = await s.close()
+        return h, rh, rest, code
+    h, rh, rest, code = run(epp, go)
+    assert kind(h) == "request_headers" and destination(h)[0] in ENDPOINTS
+    assert kind(rh) == "response_headers" and rest == [] and code == grpc.StatusCode.OK
+
+
 def test_thousand_concurrent_streams(epp):
     n = 1000
 
@@ -503,8 +517,6 @@ def test_errors_are_immediate_responses(epp):
     assert kind(res[5][0]) == "request_headers"
 
 
-@pytest.mark.xfail(reason="picker bug 1 in docs/bugs-from-e2e.md: RST_STREAM rate limiter GOAWAYs Envoy's connection",
-                   strict=False)
 def test_client_resets_do_not_kill_connection(epp):
     """Envoy ends every Process stream with RST_STREAM(CANCEL) once the HTTP request is done (ext_proc
     client: closeStream + resetStream). 2,500 such streams on one h2c connection at full speed must not
