@@ -99,6 +99,7 @@ let package = Package(
         .testTarget(name: "ExtProcTests", dependencies: [
             "ExtProc", "Protos", "InferenceRouting",
             .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "SwiftProtobuf", package: "swift-protobuf"),
         ]),
         .testTarget(name: "KubernetesTests", dependencies: [
             "Kubernetes", "InferenceRouting",

@@ -272,8 +272,11 @@ final class ProcessStream: GRPCStreamHandler {
     // MARK: Routing
 
     private struct RouteDecision {
-        var mutation: HeaderMutation
-        var metadata: Google_Protobuf_Struct
+        var changes: ReplyEncoding.HeaderChanges
+        var address: String
+
+        var mutation: HeaderMutation { Replies.mutation(changes) }
+        var metadata: Google_Protobuf_Struct { Replies.destinationMetadata(address) }
     }
 
     /// Works out the target model (when the body was scanned) and the rewritten bytes.
@@ -313,15 +316,15 @@ final class ProcessStream: GRPCStreamHandler {
         endpoint = record
         routed = true
         let address = record.endpoint.address
-        var mutation = HeaderMutation()
-        mutation.setHeaders.append(Replies.setHeader(WireNames.destinationHeader, address))
+        var changes = ReplyEncoding.HeaderChanges()
+        changes.setHeaders.append((WireNames.destinationHeader, address))
         if let id = generatedRequestID {
-            mutation.setHeaders.append(Replies.setHeader(WireNames.requestIDHeader, id))
+            changes.setHeaders.append((WireNames.requestIDHeader, id))
         }
         if let length = info.contentLength, let replacement = modelReplacement, let range = scanner.modelRange {
             // Other gateways forward content-length: keep it true to the rewritten body.
             let newLength = length - range.count + replacement.count
-            mutation.setHeaders.append(Replies.setHeader("content-length", String(newLength)))
+            changes.setHeaders.append(("content-length", String(newLength)))
         }
         if logger.logLevel <= .debug {
             logger.debug("routed", metadata: [
@@ -329,13 +332,14 @@ final class ProcessStream: GRPCStreamHandler {
                 "target-model": "\(targetModel ?? "")", "rewrite": "\(rewriteName ?? "")", "endpoint": "\(address)",
             ])
         }
-        return RouteDecision(mutation: mutation, metadata: Replies.destinationMetadata(address))
+        return RouteDecision(changes: changes, address: address)
     }
 
     private func routeAndReplyHeaders(_ stream: GRPCServerStream) {
         guard let decision = route(stream) else { return }
         headersReplied = true
-        stream.send(Replies.requestHeaders(Replies.common(decision.mutation, clearRouteCache: true), metadata: decision.metadata))
+        stream.sendFramed(ReplyEncoding.headersReply(request: true, changes: decision.changes, clearRouteCache: true,
+                                                     destination: decision.address))
     }
 
     // MARK: Sending the request body back
@@ -381,14 +385,19 @@ final class ProcessStream: GRPCStreamHandler {
     }
 
     private func sendRequestBody(_ body: Data, endOfStream: Bool, _ stream: GRPCServerStream) {
+        sendStreamed(body, endOfStream: endOfStream, request: true, stream)
+    }
+
+    /// FULL_DUPLEX_STREAMED body replies, split into pieces gateways accept.
+    private func sendStreamed(_ body: Data, endOfStream: Bool, request: Bool, _ stream: GRPCServerStream) {
         if body.count <= WireNames.maxBodyChunk {
-            stream.send(Replies.streamedBody(body, endOfStream: endOfStream, request: true))
+            stream.sendFramed(ReplyEncoding.streamedBody(body, endOfStream: endOfStream, request: request))
             return
         }
         var start = body.startIndex
         while start < body.endIndex {
             let end = min(start + WireNames.maxBodyChunk, body.endIndex)
-            stream.send(Replies.streamedBody(body[start..<end], endOfStream: endOfStream && end == body.endIndex, request: true))
+            stream.sendFramed(ReplyEncoding.streamedBody(body[start..<end], endOfStream: endOfStream && end == body.endIndex, request: request))
             start = end
         }
     }
@@ -396,24 +405,24 @@ final class ProcessStream: GRPCStreamHandler {
     // MARK: Response
 
     private func onResponseHeaders(_ headers: Envoy_Service_ExtProc_V3_HttpHeaders, _ stream: GRPCServerStream) {
-        var contentType: String?
+        var mode = ResponseModelRewriter.Mode.passthrough
         for h in headers.headers.headers where h.key == "content-type" {
-            contentType = RequestInfo.value(h)
+            mode = Self.responseMode(contentType: h.rawValue.isEmpty ? Data(h.value.utf8) : h.rawValue)
         }
         var replacement: String?
         if configuration.restoreModelAlias, let client = clientModel, let target = targetModel, client != target {
             replacement = client
         }
-        rewriter = ResponseModelRewriter(mode: ResponseModelRewriter.mode(forContentType: contentType), replacement: replacement)
-        var mutation = HeaderMutation()
+        rewriter = ResponseModelRewriter(mode: mode, replacement: replacement)
+        var changes = ReplyEncoding.HeaderChanges()
         if let target = targetModel {
-            mutation.setHeaders.append(Replies.setHeader(WireNames.targetModelHeader, target))
+            changes.setHeaders.append((WireNames.targetModelHeader, target))
         }
         if replacement != nil && responseMode != .none {
             // The body may change length.
-            mutation.removeHeaders.append("content-length")
+            changes.removeHeaders.append("content-length")
         }
-        stream.send(Replies.responseHeaders(mutation.setHeaders.isEmpty && mutation.removeHeaders.isEmpty ? nil : mutation))
+        stream.sendFramed(ReplyEncoding.headersReply(request: false, changes: changes, clearRouteCache: false, destination: nil))
         if headers.endOfStream { finishResponse(stream) }
     }
 
@@ -427,21 +436,21 @@ final class ProcessStream: GRPCStreamHandler {
         switch responseMode {
         case .fullDuplexStreamed:
             if out.isEmpty && !body.endOfStream { break }
-            if out.count <= WireNames.maxBodyChunk {
-                stream.send(Replies.streamedBody(out, endOfStream: body.endOfStream, request: false))
-            } else {
-                var start = out.startIndex
-                while start < out.endIndex {
-                    let end = min(start + WireNames.maxBodyChunk, out.endIndex)
-                    stream.send(Replies.streamedBody(out[start..<end], endOfStream: body.endOfStream && end == out.endIndex, request: false))
-                    start = end
-                }
-            }
+            sendStreamed(out, endOfStream: body.endOfStream, request: false, stream)
         default:
             let unchanged = segments.count == 1 && segments[0] == .input(0..<chunk.count)
             stream.send(Replies.bodyReplace(unchanged ? nil : out, request: false))
         }
         if body.endOfStream { finishResponse(stream) }
+    }
+
+    /// Body framing from a `content-type` value, compared as bytes (this runs for every response).
+    static func responseMode(contentType: Data) -> ResponseModelRewriter.Mode {
+        contentType.withUnsafeBytes { raw -> ResponseModelRewriter.Mode in
+            if containsASCIICaseInsensitive(raw, "text/event-stream") { return .sse }
+            if containsASCIICaseInsensitive(raw, "json") { return .json }
+            return .passthrough
+        }
     }
 
     /// Joins rewriter output: the chunk itself when nothing changed (no copy).
@@ -508,4 +517,22 @@ final class ProcessStream: GRPCStreamHandler {
         logger.warning("ext_proc protocol violation", metadata: ["what": "\(what)"])
         stream.finish(GRPCStatus(.failedPrecondition, "ext_proc protocol violation: \(what)"))
     }
+}
+
+/// Whether `haystack` contains the lower-case ASCII `needle`, ignoring ASCII case.
+func containsASCIICaseInsensitive(_ haystack: UnsafeRawBufferPointer, _ needle: StaticString) -> Bool {
+    let n = needle.utf8CodeUnitCount
+    guard n > 0, haystack.count >= n else { return n == 0 }
+    let p = needle.utf8Start
+    for start in 0...(haystack.count - n) {
+        var i = 0
+        while i < n {
+            var b = haystack[start + i]
+            if b >= UInt8(ascii: "A") && b <= UInt8(ascii: "Z") { b |= 0x20 }
+            if b != p[i] { break }
+            i += 1
+        }
+        if i == n { return true }
+    }
+    return false
 }

@@ -34,6 +34,13 @@ enum Replies {
         return option
     }
 
+    static func mutation(_ changes: ReplyEncoding.HeaderChanges) -> HeaderMutation {
+        var mutation = HeaderMutation()
+        for (key, value) in changes.setHeaders { mutation.setHeaders.append(setHeader(key, value)) }
+        mutation.removeHeaders = changes.removeHeaders
+        return mutation
+    }
+
     static func common(_ mutation: HeaderMutation?, clearRouteCache: Bool = false) -> Envoy_Service_ExtProc_V3_CommonResponse {
         var common = Envoy_Service_ExtProc_V3_CommonResponse()
         if let mutation { common.headerMutation = mutation }

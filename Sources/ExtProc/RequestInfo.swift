@@ -5,16 +5,24 @@ import Protos
 enum InferenceAPIKind {
     case completions, chatCompletions, embeddings, responses, conversations, other
 
+    /// Classifies by path suffix (query string ignored), comparing bytes: this runs per request.
     init(path: String) {
-        var p = Substring(path)
-        if let q = p.firstIndex(where: { $0 == "?" || $0 == "#" }) { p = p[..<q] }
-        while p.hasSuffix("/") { p = p.dropLast() }
-        if p.hasSuffix("/chat/completions") { self = .chatCompletions }
-        else if p.hasSuffix("/completions") { self = .completions }
-        else if p.hasSuffix("/embeddings") { self = .embeddings }
-        else if p.hasSuffix("/responses") { self = .responses }
-        else if p.hasSuffix("/conversations") { self = .conversations }
-        else { self = .other }
+        var path = path
+        self = path.withUTF8 { bytes in
+            var end = bytes.firstIndex { $0 == UInt8(ascii: "?") || $0 == UInt8(ascii: "#") } ?? bytes.count
+            while end > 0 && bytes[end - 1] == UInt8(ascii: "/") { end -= 1 }
+            let p = UnsafeBufferPointer(rebasing: bytes[0..<end])
+            func ends(_ suffix: StaticString) -> Bool {
+                let n = suffix.utf8CodeUnitCount
+                return p.count >= n && memcmp(p.baseAddress! + (p.count - n), suffix.utf8Start, n) == 0
+            }
+            if ends("/chat/completions") { return .chatCompletions }
+            if ends("/completions") { return .completions }
+            if ends("/embeddings") { return .embeddings }
+            if ends("/responses") { return .responses }
+            if ends("/conversations") { return .conversations }
+            return .other
+        }
     }
 
     /// The top-level field a valid request must carry.

@@ -41,9 +41,10 @@ public final class GRPCServerStream {
         return connection.sendFramed(self, payload, flush: true)
     }
 
-    /// Sends an already framed message (prefix included).
+    /// Sends a message whose buffer already starts with the 5-byte gRPC prefix (for encoders that
+    /// write straight into the frame).
     @discardableResult
-    func sendFramed(_ framed: ByteBuffer) -> Bool {
+    public func sendFramed(_ framed: ByteBuffer) -> Bool {
         connection.sendFramed(self, framed, flush: true)
     }
 

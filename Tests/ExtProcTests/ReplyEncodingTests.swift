@@ -1,0 +1,77 @@
+import Foundation
+import NIOCore
+import Protos
+import SwiftProtobuf
+import XCTest
+
+@testable import ExtProc
+
+/// The hand-written encoder must produce exactly the messages swift-protobuf would.
+final class ReplyEncodingTests: XCTestCase {
+    func decode(_ framed: ByteBuffer) throws -> Envoy_Service_ExtProc_V3_ProcessingResponse {
+        var b = framed
+        XCTAssertEqual(b.readInteger(as: UInt8.self), 0, "uncompressed")
+        let length = Int(b.readInteger(as: UInt32.self)!)
+        XCTAssertEqual(length, b.readableBytes, "prefix length matches the payload")
+        return try Envoy_Service_ExtProc_V3_ProcessingResponse(serializedBytes: Array(b.readableBytesView))
+    }
+
+    func testRequestHeadersReplyWithDestination() throws {
+        var changes = ReplyEncoding.HeaderChanges()
+        changes.setHeaders = [("x-gateway-destination-endpoint", "[::1]:8000"), ("x-request-id", "abc"), ("content-length", "1234")]
+        let fast = try decode(ReplyEncoding.headersReply(request: true, changes: changes, clearRouteCache: true, destination: "[::1]:8000"))
+        let slow = Replies.requestHeaders(Replies.common(Replies.mutation(changes), clearRouteCache: true),
+                                          metadata: Replies.destinationMetadata("[::1]:8000"))
+        XCTAssertEqual(fast, slow)
+        XCTAssertEqual(fast.dynamicMetadata.fields["envoy.lb"]?.structValue.fields["x-gateway-destination-endpoint"]?.stringValue, "[::1]:8000")
+        XCTAssertEqual(fast.requestHeaders.response.headerMutation.setHeaders[0].header.rawValue, Data("[::1]:8000".utf8))
+        XCTAssertEqual(fast.requestHeaders.response.headerMutation.setHeaders[0].appendAction, .overwriteIfExistsOrAdd)
+    }
+
+    func testResponseHeadersReply() throws {
+        var changes = ReplyEncoding.HeaderChanges()
+        changes.setHeaders = [("x-gateway-target-model", "facebook/opt-125m")]
+        changes.removeHeaders = ["content-length"]
+        let fast = try decode(ReplyEncoding.headersReply(request: false, changes: changes, clearRouteCache: false, destination: nil))
+        XCTAssertEqual(fast, Replies.responseHeaders(Replies.mutation(changes)))
+        let empty = try decode(ReplyEncoding.headersReply(request: false, changes: .init(), clearRouteCache: false, destination: nil))
+        XCTAssertEqual(empty.responseHeaders.response.headerMutation, HeaderMutation())
+        XCTAssertFalse(empty.responseHeaders.response.hasHeaderMutation)
+    }
+
+    func testStreamedBodies() throws {
+        for size in [0, 1, 127, 128, 16_383, 16_384, 62_000] {
+            let body = Data((0..<size).map { UInt8(truncatingIfNeeded: $0 &* 31) })
+            for eos in [false, true] {
+                for request in [false, true] {
+                    let fast = try decode(ReplyEncoding.streamedBody(body, endOfStream: eos, request: request))
+                    XCTAssertEqual(fast, Replies.streamedBody(body, endOfStream: eos, request: request), "size \(size) eos \(eos)")
+                }
+            }
+        }
+    }
+
+    func testStreamedBodyOfASlice() throws {
+        let data = Data("0123456789".utf8)
+        let fast = try decode(ReplyEncoding.streamedBody(data[3..<7], endOfStream: true, request: true))
+        XCTAssertEqual(fast.requestBody.response.bodyMutation.streamedResponse.body, Data("3456".utf8))
+    }
+}
+
+final class RequestClassificationTests: XCTestCase {
+    func testAPIKindByPathSuffix() {
+        XCTAssertEqual(InferenceAPIKind(path: "/v1/chat/completions"), .chatCompletions)
+        XCTAssertEqual(InferenceAPIKind(path: "/v1/completions?x=1"), .completions)
+        XCTAssertEqual(InferenceAPIKind(path: "/v1/embeddings/"), .embeddings)
+        XCTAssertEqual(InferenceAPIKind(path: "/v1/responses"), .responses)
+        XCTAssertEqual(InferenceAPIKind(path: "/v1/models"), .other)
+        XCTAssertEqual(InferenceAPIKind(path: ""), .other)
+    }
+
+    func testResponseModeFromContentType() {
+        XCTAssertEqual(ProcessStream.responseMode(contentType: Data("Text/Event-Stream; charset=utf-8".utf8)), .sse)
+        XCTAssertEqual(ProcessStream.responseMode(contentType: Data("application/json".utf8)), .json)
+        XCTAssertEqual(ProcessStream.responseMode(contentType: Data("text/plain".utf8)), .passthrough)
+        XCTAssertEqual(ProcessStream.responseMode(contentType: Data()), .passthrough)
+    }
+}
