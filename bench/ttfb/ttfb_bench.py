@@ -20,6 +20,7 @@ from extproc_benchlib import stack  # noqa: E402
 
 ITER = int(os.environ.get("BENCH_TTFB_ITER", "40"))
 PROMPT = int(os.environ.get("BENCH_TTFB_PROMPT", str(220 * 1000)))
+BUFFER = int(os.environ.get("BENCH_TTFB_ENVOY_BUFFER", "32768"))  # per_connection_buffer_limit_bytes (GIE: 32 KiB)
 FLOOR_MS = 5.0
 
 
@@ -50,6 +51,26 @@ def one(port, body, headers, sock_holder):
     return ttfb, buf
 
 
+def run_case(st, epp, backend, buffer, body):
+    gw_port, direct_port = stack.free_port(), stack.free_port()
+    st.envoy(epp_port=epp.grpc_port, port=gw_port, direct_port=direct_port, concurrency=1, access_log=False,
+             name=f"gateway-envoy-{buffer}", buffer_limit=buffer)
+    hdr = f"x-gateway-destination-endpoint: {backend.address}\r\n"
+    socks = {}
+    res = {"direct": [], "via EPP": []}
+    for i in range(ITER + 3):
+        order = (("direct", direct_port), ("via EPP", gw_port)) if i % 2 else (("via EPP", gw_port), ("direct", direct_port))
+        for name, port in order:
+            t, buf = one(port, body, hdr, socks)
+            if name == "via EPP":
+                assert b'"model": "opt-stable"' in buf and b"x-gateway-target-model" in buf.lower()
+            if i >= 3:
+                res[name].append(t)
+    for s in socks.values():
+        s.close()
+    return res
+
+
 def main():
     st = stack.Stack()
     try:
@@ -57,37 +78,29 @@ def main():
         backend = st.fake_vllm("127.0.0.2", bport, chunk_delay_ms=0)
         epp = st.epp([backend.address], config_dir=stack.DEMO / "config", configuration="release", cpu=bl.SERVER_CPU,
                      log_level="warning")
-        gw_port, direct_port = stack.free_port(), stack.free_port()
-        st.envoy(epp_port=epp.grpc_port, port=gw_port, direct_port=direct_port, concurrency=1, access_log=False,
-                 name="gateway-envoy")
         prompt = ("The quick brown fox jumps over the lazy dog. " * (PROMPT // 45 + 1))[:PROMPT]
         body = json.dumps({"model": "opt-stable", "prompt": prompt, "max_tokens": 4, "stream": True}).encode()
-        hdr = f"x-gateway-destination-endpoint: {backend.address}\r\n"
-        socks = {}
-        res = {"direct": [], "via EPP": []}
-        for i in range(ITER + 3):
-            for name, port in (("direct", direct_port), ("via EPP", gw_port)) if i % 2 else \
-                    (("via EPP", gw_port), ("direct", direct_port)):
-                t, buf = one(port, body, hdr, socks)
-                if name == "via EPP":
-                    assert b'"model": "opt-stable"' in buf and b"x-gateway-target-model" in buf.lower()
-                if i >= 3:
-                    res[name].append(t)
-        for s in socks.values():
-            s.close()
-        rows = []
-        for name, ts in res.items():
-            rows.append([name, f"{len(body):,}", len(ts), f"{bl.percentile(ts, 0.5):.2f}", f"{bl.percentile(ts, 0.9):.2f}",
-                         f"{min(ts):.2f}"])
+        rows, added = [], {}
+        buffers = [BUFFER] + ([1 << 20] if BUFFER != 1 << 20 else [])
+        for buffer in buffers:
+            res = run_case(st, epp, backend, buffer, body)
+            for name, ts in res.items():
+                rows.append([f"{buffer // 1024} KiB", name, len(ts), f"{bl.percentile(ts, 0.5):.2f}",
+                             f"{bl.percentile(ts, 0.9):.2f}", f"{min(ts):.2f}"])
+            added[buffer] = (bl.percentile(res["via EPP"], 0.5) - bl.percentile(res["direct"], 0.5),
+                             bl.percentile(res["via EPP"], 0.9) - bl.percentile(res["direct"], 0.9),
+                             bl.percentile(res["via EPP"], 0.5) / bl.percentile(res["direct"], 0.5))
         print(f"\n(c) TTFB of a stream:true completion with a {len(body) / 1000:.0f} KB body through Envoy 1.40 "
-              f"(HTTP/1.1, fake vLLM backend), {ITER} alternating requests per path")
-        print(bl.table(["path", "body bytes", "n", "p50 ms", "p90 ms", "min ms"], rows))
-        added = bl.percentile(res["via EPP"], 0.5) - bl.percentile(res["direct"], 0.5)
-        added90 = bl.percentile(res["via EPP"], 0.9) - bl.percentile(res["direct"], 0.9)
-        ok = added <= FLOOR_MS
-        print(f"EPP adds {added:.2f} ms at p50 ({added90:.2f} ms at p90) vs floor ≤ {FLOOR_MS} ms → {bl.verdict(ok)} "
-              f"(ratio via/direct p50 {bl.percentile(res['via EPP'], 0.5) / bl.percentile(res['direct'], 0.5):.2f}; "
-              f"reference EPP: +150 ms or more)")
+              f"(HTTP/1.1, fake vLLM backend), {ITER} alternating requests per path; Envoy buffer = "
+              f"per_connection_buffer_limit_bytes (GIE uses 32 KiB: the body crosses the EPP in 32 KiB chunks)")
+        print(bl.table(["Envoy buffer", "path", "n", "p50 ms", "p90 ms", "min ms"], rows))
+        a50, a90, ratio = added[BUFFER]
+        ok = a50 <= FLOOR_MS
+        for buffer in buffers[1:]:
+            b50, b90, _ = added[buffer]
+            print(f"  with {buffer // 1024} KiB Envoy buffers the EPP adds {b50:.2f} ms p50 ({b90:.2f} ms p90)")
+        print(f"EPP adds {a50:.2f} ms at p50 ({a90:.2f} ms at p90) with {BUFFER // 1024} KiB buffers vs floor ≤ {FLOOR_MS} ms "
+              f"→ {bl.verdict(ok)} (ratio via/direct p50 {ratio:.2f}; reference EPP: +150 ms or more)")
         return 0 if ok or not bl.ENFORCE else 1
     finally:
         st.stop()
