@@ -85,6 +85,10 @@ def main() -> int:
         print(f"# epp {epp_bin} (pid {epp.pid}) and nghttpd (pid {ngd.pid}) on cpu {os.environ.get('BENCH_SERVER_CPU', '0')},"
               f" h2load on cpu {os.environ.get('BENCH_CLIENT_CPU', '1')}; {ROUNDS} rounds x {DURATION}s"
               f" (+{WARMUP}s warm-up); request: Check(service=\"\") 5-byte frame", flush=True)
+        load1 = os.getloadavg()[0]
+        if load1 > 1.0:
+            print(f"# WARNING: load average {load1:.1f} before the run: other processes share the cores, "
+                  f"figures will be low and noisy", flush=True)
         for rnd in range(ROUNDS):
             for shape, c, m in SHAPES:
                 for name, srv in servers.items():
