@@ -242,7 +242,7 @@ public final class ConfigDirectoryWatcher: Sendable {
     public func loadNow() -> ManifestSnapshot { poll(force: true)! }
 
     /// Starts the polling thread. Unless `loadNow()` was used, the initial snapshot is
-    /// delivered from that thread.
+    /// delivered from that thread. The thread keeps the watcher alive until `stop()`.
     public func start() {
         guard started.compareExchange(expected: false, desired: true, ordering: .acquiringAndReleasing).exchanged else { return }
         let thread = Thread { [self] in self.run() }

@@ -630,6 +630,20 @@ public struct RequestBodyScanner: Sendable {
         role = .skip
     }
 
+    /// Byte equality of a captured key and a name, without generic UTF-8 view iteration.
+    @inline(__always)
+    private static func equal(_ k: [UInt8], _ name: String) -> Bool {
+        let u = name.utf8
+        guard k.count == u.count else { return false }
+        let fast = u.withContiguousStorageIfAvailable { nb in
+            k.withUnsafeBufferPointer { kb in
+                for i in 0..<kb.count where kb[i] != nb[i] { return false }
+                return true
+            }
+        }
+        return fast ?? k.elementsEqual(u)
+    }
+
     private mutating func classifyKey(keyStart: Int) {
         member = .other
         if keyOverflow { return }
@@ -638,12 +652,12 @@ public struct RequestBodyScanner: Sendable {
             if sawModelKey { fail(keyStart, "duplicate top-level key model"); return }
             sawModelKey = true
             member = .model
-        } else if k.count == 6 && k.elementsEqual("stream".utf8) {
+        } else if Self.equal(k, "stream") {
             member = .stream
-        } else if let a = affinityField, k.count == a.utf8.count, k.elementsEqual(a.utf8) {
+        } else if let a = affinityField, Self.equal(k, a) {
             member = .affinity
         }
-        for (idx, key) in presenceKeyNames.enumerated() where k.count == key.utf8.count && k.elementsEqual(key.utf8) {
+        for idx in presenceKeyNames.indices where Self.equal(k, presenceKeyNames[idx]) {
             presentKeyMask |= 1 << UInt64(idx)
         }
     }
