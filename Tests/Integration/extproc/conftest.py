@@ -13,7 +13,7 @@ sys.path.insert(0, str(REPO / "demo"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import stack  # noqa: E402
 
-ENDPOINTS = ["10.9.0.1:8000", "10.9.0.2:8000", "10.9.0.3:8000"]
+from extproc_lib import ENDPOINTS  # noqa: E402
 
 RULES = stack.SEED_RULE + "---\n" + stack.rewrite_rule([("backend-model", None)], name="alias", model="alias") + \
     "---\n" + stack.rewrite_rule([("cafe-backend", None)], name="cafe", model='"café"') + \
@@ -49,3 +49,9 @@ def epp_factory(tmp_path_factory):
 def epp(epp_factory):
     """A picker with the default flags."""
     return epp_factory()
+
+
+# Sibling suites do `from conftest import <helper of Tests/Integration/conftest.py>`: keep that working.
+import _root_conftest_exports_x as _exports  # noqa: E402
+for _k, _v in _exports.helpers().items():
+    globals().setdefault(_k, _v)

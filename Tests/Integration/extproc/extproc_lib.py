@@ -14,6 +14,7 @@ FULL_DUPLEX = pm.ProcessingMode.FULL_DUPLEX_STREAMED
 BUFFERED = pm.ProcessingMode.BUFFERED
 STREAMED = pm.ProcessingMode.STREAMED
 NONE = pm.ProcessingMode.NONE
+ENDPOINTS = ["10.9.0.1:8000", "10.9.0.2:8000", "10.9.0.3:8000"]  # nothing listens: picker-only tests
 UUID4 = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
 
 

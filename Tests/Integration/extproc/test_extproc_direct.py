@@ -7,8 +7,7 @@ import random
 import grpc
 import pytest
 
-from conftest import ENDPOINTS
-from extproc_lib import (BUFFERED, FULL_DUPLEX, NONE, PROCESS, STREAMED, UUID4, Stream, destination, full_request,
+from extproc_lib import (ENDPOINTS, BUFFERED, FULL_DUPLEX, NONE, PROCESS, STREAMED, UUID4, Stream, destination, full_request,
                          joined_request_body, kind, req_body, req_headers, req_trailers, resp_body, resp_headers,
                          resp_trailers, set_headers, splice, streamed_body, top_model)
 
