@@ -97,7 +97,7 @@ let package = Package(
         .testTarget(name: "StreamingJSONTests", dependencies: ["StreamingJSON"]),
         .testTarget(name: "InferenceRoutingTests", dependencies: ["InferenceRouting"]),
         .testTarget(name: "ExtProcTests", dependencies: [
-            "ExtProc", "Protos", "InferenceRouting",
+            "ExtProc", "Protos", "InferenceRouting", "StreamingJSON",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "SwiftProtobuf", package: "swift-protobuf"),
         ]),

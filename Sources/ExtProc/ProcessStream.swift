@@ -35,7 +35,7 @@ final class ProcessStream: GRPCStreamHandler {
     private var routed = false
     /// Body chunks received before routing, not yet sent back; `heldOffset` is the absolute offset
     /// of the first.
-    private var held: [Data] = []
+    private var held: [ByteBuffer] = []
     private var heldOffset = 0
     private var requestBodyEnded = false
     private var generatedRequestID: String?
@@ -65,25 +65,28 @@ final class ProcessStream: GRPCStreamHandler {
 
     func received(_ message: ByteBuffer, on stream: GRPCServerStream) {
         guard !done else { return }
-        guard let request = stream.decode(ProcessingRequest.self, from: message) else {
+        do {
+            let request = try ExtProcRequest(decoding: message)
+            switch request.phase {
+            case .requestHeaders?:
+                onRequestHeaders(try HeadersView(request.payload), request, stream)
+            case .requestBody?:
+                onRequestBody(try BodyView(request.payload), stream)
+            case .requestTrailers?:
+                onRequestTrailers(stream)
+            case .responseHeaders?:
+                onResponseHeaders(try HeadersView(request.payload), stream)
+            case .responseBody?:
+                onResponseBody(try BodyView(request.payload), stream)
+            case .responseTrailers?:
+                onResponseTrailers(stream)
+            case nil:
+                protocolViolation("ProcessingRequest without a request phase", stream)
+            }
+        } catch {
+            done = true
             release()
-            return
-        }
-        switch request.request {
-        case .requestHeaders(let headers)?:
-            onRequestHeaders(headers, request, stream)
-        case .requestBody(let body)?:
-            onRequestBody(body, stream)
-        case .requestTrailers?:
-            onRequestTrailers(stream)
-        case .responseHeaders(let headers)?:
-            onResponseHeaders(headers, stream)
-        case .responseBody(let body)?:
-            onResponseBody(body, stream)
-        case .responseTrailers?:
-            onResponseTrailers(stream)
-        case nil:
-            protocolViolation("ProcessingRequest without a request phase", stream)
+            stream.finish(GRPCStatus(.invalidArgument, "invalid ProcessingRequest: \(error)"))
         }
     }
 
@@ -104,12 +107,12 @@ final class ProcessStream: GRPCStreamHandler {
 
     // MARK: Request headers
 
-    private func onRequestHeaders(_ headers: Envoy_Service_ExtProc_V3_HttpHeaders, _ request: ProcessingRequest, _ stream: GRPCServerStream) {
+    private func onRequestHeaders(_ headers: HeadersView, _ request: ExtProcRequest, _ stream: GRPCServerStream) {
         guard !sawRequestHeaders else { return protocolViolation("second request_headers", stream) }
         sawRequestHeaders = true
-        if request.hasProtocolConfig {
-            requestMode = request.protocolConfig.requestBodyMode
-            responseMode = request.protocolConfig.responseBodyMode
+        if let requestBodyMode = request.requestBodyMode, let responseBodyMode = request.responseBodyMode {
+            requestMode = BodySendMode(rawValue: requestBodyMode) ?? .none
+            responseMode = BodySendMode(rawValue: responseBodyMode) ?? .none
         } else {
             // Gateways that predate protocol_config expect a prompt headers reply.
             requestMode = .streamed
@@ -117,7 +120,12 @@ final class ProcessStream: GRPCStreamHandler {
         }
         var affinityHeader: String?
         if case .header(let name) = configuration.affinity { affinityHeader = name }
-        info = RequestInfo(headers, metadata: request.hasMetadataContext ? request.metadataContext : nil, affinityHeader: affinityHeader)
+        var metadata: Envoy_Config_Core_V3_Metadata?
+        if let raw = request.metadataContext {
+            // Rare (subset hints): the generic decoder is fine here.
+            metadata = try? Envoy_Config_Core_V3_Metadata(serializedBytes: Array(raw.readableBytesView))
+        }
+        info = RequestInfo(headers, metadata: metadata, affinityHeader: affinityHeader)
         snapshot = state.snapshot
         if info.requestID == nil { generatedRequestID = rng.uuidString() }
 
@@ -142,14 +150,14 @@ final class ProcessStream: GRPCStreamHandler {
 
     // MARK: Request body
 
-    private func onRequestBody(_ body: Envoy_Service_ExtProc_V3_HttpBody, _ stream: GRPCServerStream) {
+    private func onRequestBody(_ body: BodyView, _ stream: GRPCServerStream) {
         guard sawRequestHeaders, !requestBodyEnded else { return protocolViolation("unexpected request_body", stream) }
         let chunk = body.body
-        bodyBytes += chunk.count
+        bodyBytes += chunk.readableBytes
         if bodyBytes > configuration.maxRequestBodyBytes {
             return fail(.tooLarge(limit: configuration.maxRequestBodyBytes), stream)
         }
-        var progress = chunk.withUnsafeBytes { scanner.feed($0) }
+        var progress = chunk.withUnsafeReadableBytes { scanner.feed($0) }
         if body.endOfStream {
             requestBodyEnded = true
             progress = scanner.finish()
@@ -167,7 +175,7 @@ final class ProcessStream: GRPCStreamHandler {
         }
     }
 
-    private func duplexBody(_ chunk: Data, endOfStream: Bool, _ stream: GRPCServerStream) {
+    private func duplexBody(_ chunk: ByteBuffer, endOfStream: Bool, _ stream: GRPCServerStream) {
         if routed {
             if endOfStream, let error = finalValidation() { return fail(error, stream) }
             sendRequestBody(chunk, endOfStream: endOfStream, stream)
@@ -187,7 +195,7 @@ final class ProcessStream: GRPCStreamHandler {
 
     /// STREAMED: routed on headers already; each chunk gets one reply replacing it. Bytes before the
     /// end of the model value are held (replaced by nothing) until the rewrite is known.
-    private func streamedBody(_ chunk: Data, endOfStream: Bool, _ stream: GRPCServerStream) {
+    private func streamedBody(_ chunk: ByteBuffer, endOfStream: Bool, _ stream: GRPCServerStream) {
         if endOfStream, let error = finalValidation() { return fail(error, stream) }
         if rewriteDecided {
             stream.send(Replies.bodyReplace(nil, request: true))
@@ -200,18 +208,18 @@ final class ProcessStream: GRPCStreamHandler {
         }
         decideModel()
         rewriteDecided = true
-        stream.send(Replies.bodyReplace(takeHeld(), request: true))
+        stream.send(Replies.bodyReplace(Data(takeHeld().readableBytesView), request: true))
     }
 
     /// STREAMED: the model rewrite is known and the rest of the body passes unchanged.
     private var rewriteDecided = false
 
     /// BUFFERED: the whole body in one message; route and rewrite in the body reply.
-    private func bufferedBody(_ chunk: Data, endOfStream: Bool, _ stream: GRPCServerStream) {
+    private func bufferedBody(_ chunk: ByteBuffer, endOfStream: Bool, _ stream: GRPCServerStream) {
         held.append(chunk)
         if endOfStream, let error = finalValidation() { return fail(error, stream) }
         guard let decision = route(stream) else { return }
-        stream.send(Replies.bodyReplace(takeHeld(), headers: decision.mutation, clearRouteCache: true,
+        stream.send(Replies.bodyReplace(Data(takeHeld().readableBytesView), headers: decision.mutation, clearRouteCache: true,
                                         metadata: decision.metadata, request: true))
     }
 
@@ -351,63 +359,61 @@ final class ProcessStream: GRPCStreamHandler {
     }
 
     /// The held chunks as one body with the model value replaced.
-    private func takeHeld() -> Data {
+    private func takeHeld() -> ByteBuffer {
         defer {
-            for c in held { heldOffset += c.count }
+            for c in held { heldOffset += c.readableBytes }
             held.removeAll(keepingCapacity: true)
         }
+        let total = held.reduce(0) { $0 + $1.readableBytes }
         guard let replacement = modelReplacement, let range = scanner.modelRange,
-              range.lowerBound >= heldOffset else {
-            return held.count == 1 ? held[0] : held.reduce(into: Data()) { $0.append($1) }
+              range.lowerBound >= heldOffset, range.upperBound <= heldOffset + total else {
+            if held.count == 1 { return held[0] }
+            var out = ProtobufAllocator.allocator.buffer(capacity: total)
+            for var c in held { out.writeBuffer(&c) }
+            return out
         }
-        let total = held.reduce(0) { $0 + $1.count }
-        guard range.upperBound <= heldOffset + total else {
-            return held.reduce(into: Data()) { $0.append($1) }
-        }
-        var out = Data(capacity: total - range.count + replacement.count)
+        var out = ProtobufAllocator.allocator.buffer(capacity: total - range.count + replacement.count)
         var offset = heldOffset
         var inserted = false
         for chunk in held {
-            let start = offset, end = offset + chunk.count
+            let start = offset, end = offset + chunk.readableBytes
             offset = end
-            let base = chunk.startIndex
             // Bytes before the model value, the replacement once, bytes after it.
             let beforeEnd = min(end, range.lowerBound)
-            if beforeEnd > start { out.append(chunk[base ..< base + (beforeEnd - start)]) }
+            if beforeEnd > start, var piece = chunk.getSlice(at: chunk.readerIndex, length: beforeEnd - start) {
+                out.writeBuffer(&piece)
+            }
             if !inserted && end >= range.lowerBound {
-                out.append(contentsOf: replacement)
+                out.writeBytes(replacement)
                 inserted = true
             }
             let afterStart = max(start, range.upperBound)
-            if end > afterStart { out.append(chunk[base + (afterStart - start) ..< base + chunk.count]) }
+            if end > afterStart, var piece = chunk.getSlice(at: chunk.readerIndex + (afterStart - start), length: end - afterStart) {
+                out.writeBuffer(&piece)
+            }
         }
         return out
     }
 
-    private func sendRequestBody(_ body: Data, endOfStream: Bool, _ stream: GRPCServerStream) {
+    private func sendRequestBody(_ body: ByteBuffer, endOfStream: Bool, _ stream: GRPCServerStream) {
         sendStreamed(body, endOfStream: endOfStream, request: true, stream)
     }
 
     /// FULL_DUPLEX_STREAMED body replies, split into pieces gateways accept.
-    private func sendStreamed(_ body: Data, endOfStream: Bool, request: Bool, _ stream: GRPCServerStream) {
-        if body.count <= WireNames.maxBodyChunk {
-            stream.sendFramed(ReplyEncoding.streamedBody(body, endOfStream: endOfStream, request: request))
-            return
-        }
-        var start = body.startIndex
-        while start < body.endIndex {
-            let end = min(start + WireNames.maxBodyChunk, body.endIndex)
-            stream.sendFramed(ReplyEncoding.streamedBody(body[start..<end], endOfStream: endOfStream && end == body.endIndex, request: request))
-            start = end
-        }
+    private func sendStreamed(_ body: ByteBuffer, endOfStream: Bool, request: Bool, _ stream: GRPCServerStream) {
+        var body = body
+        repeat {
+            let piece = body.readSlice(length: min(body.readableBytes, WireNames.maxBodyChunk))!
+            stream.sendFramed(ReplyEncoding.streamedBody(piece, endOfStream: endOfStream && body.readableBytes == 0, request: request))
+        } while body.readableBytes > 0
     }
 
     // MARK: Response
 
-    private func onResponseHeaders(_ headers: Envoy_Service_ExtProc_V3_HttpHeaders, _ stream: GRPCServerStream) {
+    private func onResponseHeaders(_ headers: HeadersView, _ stream: GRPCServerStream) {
         var mode = ResponseModelRewriter.Mode.passthrough
-        for h in headers.headers.headers where h.key == "content-type" {
-            mode = Self.responseMode(contentType: h.rawValue.isEmpty ? Data(h.value.utf8) : h.rawValue)
+        try? headers.forEach { key, value in
+            if key.elementsEqual("content-type".utf8) { mode = Self.responseMode(contentType: value) }
         }
         var replacement: String?
         if configuration.restoreModelAlias, let client = clientModel, let target = targetModel, client != target {
@@ -426,41 +432,41 @@ final class ProcessStream: GRPCStreamHandler {
         if headers.endOfStream { finishResponse(stream) }
     }
 
-    private func onResponseBody(_ body: Envoy_Service_ExtProc_V3_HttpBody, _ stream: GRPCServerStream) {
+    private func onResponseBody(_ body: BodyView, _ stream: GRPCServerStream) {
         if rewriter == nil { rewriter = ResponseModelRewriter(mode: .passthrough, replacement: nil) }
         segments.removeAll(keepingCapacity: true)
         let chunk = body.body
-        chunk.withUnsafeBytes { rewriter!.process($0, into: &segments) }
+        chunk.withUnsafeReadableBytes { rewriter!.process($0, into: &segments) }
         if body.endOfStream { rewriter!.finish(into: &segments) }
         let out = assemble(chunk)
         switch responseMode {
         case .fullDuplexStreamed:
-            if out.isEmpty && !body.endOfStream { break }
+            if out.readableBytes == 0 && !body.endOfStream { break }
             sendStreamed(out, endOfStream: body.endOfStream, request: false, stream)
         default:
-            let unchanged = segments.count == 1 && segments[0] == .input(0..<chunk.count)
-            stream.send(Replies.bodyReplace(unchanged ? nil : out, request: false))
+            let unchanged = segments.count == 1 && segments[0] == .input(0..<chunk.readableBytes)
+            stream.send(Replies.bodyReplace(unchanged ? nil : Data(out.readableBytesView), request: false))
         }
         if body.endOfStream { finishResponse(stream) }
     }
 
     /// Body framing from a `content-type` value, compared as bytes (this runs for every response).
-    static func responseMode(contentType: Data) -> ResponseModelRewriter.Mode {
-        contentType.withUnsafeBytes { raw -> ResponseModelRewriter.Mode in
-            if containsASCIICaseInsensitive(raw, "text/event-stream") { return .sse }
-            if containsASCIICaseInsensitive(raw, "json") { return .json }
-            return .passthrough
-        }
+    static func responseMode(contentType: UnsafeRawBufferPointer) -> ResponseModelRewriter.Mode {
+        if containsASCIICaseInsensitive(contentType, "text/event-stream") { return .sse }
+        if containsASCIICaseInsensitive(contentType, "json") { return .json }
+        return .passthrough
     }
 
     /// Joins rewriter output: the chunk itself when nothing changed (no copy).
-    private func assemble(_ chunk: Data) -> Data {
-        if segments.count == 1, case .input(let r) = segments[0], r == 0..<chunk.count { return chunk }
-        var out = Data()
+    private func assemble(_ chunk: ByteBuffer) -> ByteBuffer {
+        if segments.count == 1, case .input(let r) = segments[0], r == 0..<chunk.readableBytes { return chunk }
+        var out = ProtobufAllocator.allocator.buffer(capacity: chunk.readableBytes + 64)
         for s in segments {
             switch s {
-            case .input(let r): out.append(chunk[chunk.startIndex + r.lowerBound ..< chunk.startIndex + r.upperBound])
-            case .bytes(let b): out.append(contentsOf: b)
+            case .input(let r):
+                if var piece = chunk.getSlice(at: chunk.readerIndex + r.lowerBound, length: r.count) { out.writeBuffer(&piece) }
+            case .bytes(let b):
+                out.writeBytes(b)
             }
         }
         return out

@@ -55,8 +55,9 @@ enum ReplyEncoding {
 
     /// A FULL_DUPLEX_STREAMED body piece: ProcessingResponse{request_body|response_body{response{
     /// body_mutation{streamed_response{body, end_of_stream}}}}}. The body is copied once, into the frame.
-    static func streamedBody(_ body: Data, endOfStream: Bool, request: Bool) -> ByteBuffer {
-        let bodyField = body.isEmpty ? 0 : 1 + varintSize(body.count) + body.count
+    static func streamedBody(_ body: ByteBuffer, endOfStream: Bool, request: Bool) -> ByteBuffer {
+        let count = body.readableBytes
+        let bodyField = count == 0 ? 0 : 1 + varintSize(count) + count
         let streamed = bodyField + (endOfStream ? 2 : 0)
         let mutation = 1 + varintSize(streamed) + streamed
         let common = 1 + varintSize(mutation) + mutation
@@ -73,10 +74,11 @@ enum ReplyEncoding {
         writeVarint(&b, mutation)
         b.writeInteger(UInt8(0x1A))  // BodyMutation.streamed_response
         writeVarint(&b, streamed)
-        if !body.isEmpty {
+        if count > 0 {
+            var body = body
             b.writeInteger(UInt8(0x0A))  // StreamedBodyResponse.body
-            writeVarint(&b, body.count)
-            b.writeBytes(body)
+            writeVarint(&b, count)
+            b.writeBuffer(&body)
         }
         if endOfStream {
             b.writeInteger(UInt8(0x10))  // StreamedBodyResponse.end_of_stream

@@ -54,24 +54,25 @@ struct RequestInfo {
 
     init() {}
 
-    init(_ message: Envoy_Service_ExtProc_V3_HttpHeaders, metadata: Envoy_Config_Core_V3_Metadata?, affinityHeader: String?) {
-        for header in message.headers.headers {
-            let key = header.key
-            guard let first = key.utf8.first else { continue }
-            // Only a few names matter; skip the rest before decoding any value.
+    init(_ headers: HeadersView, metadata: Envoy_Config_Core_V3_Metadata?, affinityHeader: String?) {
+        let affinity = affinityHeader.map { Array($0.utf8) }
+        try? headers.forEach { key, value in
+            guard let first = key.first else { return }
+            // Only a few names matter; compare bytes and decode just those values.
             switch first {
             case UInt8(ascii: ":"):
-                if key == ":path" { path = Self.value(header) } else if key == ":method" { method = Self.value(header) }
+                if key.elementsEqual(":path".utf8) { path = String(decoding: value, as: UTF8.self) }
+                else if key.elementsEqual(":method".utf8) { method = String(decoding: value, as: UTF8.self) }
             case UInt8(ascii: "c"):
-                if key == "content-length" { contentLength = Int(Self.value(header)) }
+                if key.elementsEqual("content-length".utf8) { contentLength = Int(String(decoding: value, as: UTF8.self)) }
             case UInt8(ascii: "x"):
-                if key == WireNames.requestIDHeader { requestID = Self.value(header) }
-                else if WireNames.modelRewriteHeaders.contains(key) { modelRewriteHeader = Self.value(header) }
-                else if WireNames.objectiveHeaders.contains(key) { objective = Self.value(header) }
+                if key.elementsEqual("x-request-id".utf8) { requestID = String(decoding: value, as: UTF8.self) }
+                else if Self.matchesAny(key, WireNames.modelRewriteHeaders) { modelRewriteHeader = String(decoding: value, as: UTF8.self) }
+                else if Self.matchesAny(key, WireNames.objectiveHeaders) { objective = String(decoding: value, as: UTF8.self) }
             default:
                 break
             }
-            if let affinityHeader, key == affinityHeader { affinityHeaderValue = Self.value(header) }
+            if let affinity, key.elementsEqual(affinity) { affinityHeaderValue = String(decoding: value, as: UTF8.self) }
         }
         api = InferenceAPIKind(path: path)
         if let hint = metadata?.filterMetadata[WireNames.subsetHintNamespace]?.fields[WireNames.subsetHintKey] {
@@ -83,6 +84,10 @@ struct RequestInfo {
                 subset = []
             }
         }
+    }
+
+    private static func matchesAny(_ key: UnsafeRawBufferPointer, _ names: [String]) -> Bool {
+        names.contains { key.elementsEqual($0.utf8) }
     }
 
     /// Envoy sends values in `raw_value`; older versions in `value`.

@@ -34,10 +34,12 @@ public struct HTTP2Settings: Sendable {
     /// Queued outbound bytes under which an unwritable stream becomes writable again.
     public var streamWriteLowWater: Int = 256 << 10
     /// Incoming RST_STREAM token bucket (rapid-reset protection): burst and refill per second.
-    /// nghttp2's defaults (1000, 33/s) are meant for browsers; a gateway multiplexing thousands of
-    /// requests per second may legitimately cancel many streams (client disconnects).
-    public var resetBurst: UInt64 = 10_000
-    public var resetRate: UInt64 = 2_000
+    /// nghttp2's defaults (1000, 33/s) are meant for browsers. A gateway resets its ext_proc stream
+    /// whenever it is done with a request the picker has not finished (Envoy does so for every
+    /// request when the response phases are not sent), so the budget must cover the request rate;
+    /// it still stops a flood of reset streams.
+    public var resetBurst: UInt64 = 100_000
+    public var resetRate: UInt64 = 20_000
 
     public init() {}
 }

@@ -1,6 +1,7 @@
 import Foundation
 import NIOCore
 import Protos
+import StreamingJSON
 import SwiftProtobuf
 import XCTest
 
@@ -44,7 +45,7 @@ final class ReplyEncodingTests: XCTestCase {
             let body = Data((0..<size).map { UInt8(truncatingIfNeeded: $0 &* 31) })
             for eos in [false, true] {
                 for request in [false, true] {
-                    let fast = try decode(ReplyEncoding.streamedBody(body, endOfStream: eos, request: request))
+                    let fast = try decode(ReplyEncoding.streamedBody(ByteBuffer(bytes: body), endOfStream: eos, request: request))
                     XCTAssertEqual(fast, Replies.streamedBody(body, endOfStream: eos, request: request), "size \(size) eos \(eos)")
                 }
             }
@@ -52,8 +53,8 @@ final class ReplyEncodingTests: XCTestCase {
     }
 
     func testStreamedBodyOfASlice() throws {
-        let data = Data("0123456789".utf8)
-        let fast = try decode(ReplyEncoding.streamedBody(data[3..<7], endOfStream: true, request: true))
+        let data = ByteBuffer(string: "0123456789")
+        let fast = try decode(ReplyEncoding.streamedBody(data.getSlice(at: 3, length: 4)!, endOfStream: true, request: true))
         XCTAssertEqual(fast.requestBody.response.bodyMutation.streamedResponse.body, Data("3456".utf8))
     }
 }
@@ -69,9 +70,10 @@ final class RequestClassificationTests: XCTestCase {
     }
 
     func testResponseModeFromContentType() {
-        XCTAssertEqual(ProcessStream.responseMode(contentType: Data("Text/Event-Stream; charset=utf-8".utf8)), .sse)
-        XCTAssertEqual(ProcessStream.responseMode(contentType: Data("application/json".utf8)), .json)
-        XCTAssertEqual(ProcessStream.responseMode(contentType: Data("text/plain".utf8)), .passthrough)
-        XCTAssertEqual(ProcessStream.responseMode(contentType: Data()), .passthrough)
+        func mode(_ s: String) -> ResponseModelRewriter.Mode { Array(s.utf8).withUnsafeBytes { ProcessStream.responseMode(contentType: $0) } }
+        XCTAssertEqual(mode("Text/Event-Stream; charset=utf-8"), .sse)
+        XCTAssertEqual(mode("application/json"), .json)
+        XCTAssertEqual(mode("text/plain"), .passthrough)
+        XCTAssertEqual(mode(""), .passthrough)
     }
 }

@@ -1,0 +1,181 @@
+import NIOCore
+
+/// A decoded `envoy.service.ext_proc.v3.ProcessingRequest`, as views into the received buffer.
+///
+/// Every request through the gateway brings four to six of these; decoding them with the generic
+/// swift-protobuf machinery made a String and a Data per header and copied every body chunk. This
+/// reader walks the wire format once and hands out slices. Field numbers are those of
+/// external_processor.proto; unknown fields are skipped, as protobuf requires, and when a field
+/// repeats the last occurrence wins (Envoy never repeats these). `ProcessingRequestDecodingTests`
+/// checks it against swift-protobuf.
+struct ExtProcRequest {
+    enum Phase: Int {
+        case requestHeaders = 2, responseHeaders, requestBody, responseBody, requestTrailers, responseTrailers
+    }
+
+    var phase: Phase?
+    /// The HttpHeaders, HttpBody or HttpTrailers message of the phase.
+    var payload = ByteBuffer()
+    /// `metadata_context` (envoy.config.core.v3.Metadata), undecoded.
+    var metadataContext: ByteBuffer?
+    /// `protocol_config` body modes (BodySendMode raw values), when present.
+    var requestBodyMode: Int?
+    var responseBodyMode: Int?
+
+    init(decoding message: ByteBuffer) throws {
+        var reader = ProtoReader(message)
+        while let (field, wireType) = try reader.nextKey() {
+            switch (field, wireType) {
+            case (2...7, 2):
+                phase = Phase(rawValue: field)
+                payload = try reader.lengthDelimited()
+            case (8, 2):
+                metadataContext = try reader.lengthDelimited()
+            case (11, 2):
+                var config = ProtoReader(try reader.lengthDelimited())
+                requestBodyMode = 0
+                responseBodyMode = 0
+                while let (f, w) = try config.nextKey() {
+                    switch (f, w) {
+                    case (1, 0): requestBodyMode = Int(truncatingIfNeeded: try config.varint())
+                    case (2, 0): responseBodyMode = Int(truncatingIfNeeded: try config.varint())
+                    default: try config.skip(w)
+                    }
+                }
+            default:
+                try reader.skip(wireType)
+            }
+        }
+    }
+}
+
+/// `HttpHeaders` / `HttpTrailers` view: iterate the header fields without materialising them.
+struct HeadersView {
+    private let headerMap: ByteBuffer?
+    let endOfStream: Bool
+
+    /// Parses HttpHeaders (`headers` = 1, `end_of_stream` = 3) or HttpTrailers (`trailers` = 1).
+    init(_ payload: ByteBuffer) throws {
+        var reader = ProtoReader(payload)
+        var map: ByteBuffer?
+        var eos = false
+        while let (f, w) = try reader.nextKey() {
+            switch (f, w) {
+            case (1, 2): map = try reader.lengthDelimited()
+            case (3, 0): eos = try reader.varint() != 0
+            default: try reader.skip(w)
+            }
+        }
+        headerMap = map
+        endOfStream = eos
+        try forEach { _, _ in }  // validate once, so later iterations cannot fail
+    }
+
+    /// Calls `body` with each field's name and value (`raw_value`, or `value` when that is empty).
+    /// The pointers are valid only during the call.
+    func forEach(_ body: (UnsafeRawBufferPointer, UnsafeRawBufferPointer) throws -> Void) throws {
+        guard let headerMap else { return }
+        var map = ProtoReader(headerMap)
+        while let (f, w) = try map.nextKey() {
+            guard f == 1, w == 2 else {
+                try map.skip(w)
+                continue
+            }
+            var entry = ProtoReader(try map.lengthDelimited())
+            var key = ByteBuffer(), value = ByteBuffer(), raw = ByteBuffer()
+            while let (ef, ew) = try entry.nextKey() {
+                switch (ef, ew) {
+                case (1, 2): key = try entry.lengthDelimited()
+                case (2, 2): value = try entry.lengthDelimited()
+                case (3, 2): raw = try entry.lengthDelimited()
+                default: try entry.skip(ew)
+                }
+            }
+            let v = raw.readableBytes > 0 ? raw : value
+            try key.withUnsafeReadableBytes { k in try v.withUnsafeReadableBytes { try body(k, $0) } }
+        }
+    }
+
+    /// The value of the first field named `name` (lower case), as a String.
+    func value(of name: StaticString) -> String? {
+        var found: String?
+        try? forEach { k, v in
+            if found == nil && k.elementsEqual(UnsafeRawBufferPointer(start: name.utf8Start, count: name.utf8CodeUnitCount)) {
+                found = String(decoding: v, as: UTF8.self)
+            }
+        }
+        return found
+    }
+}
+
+/// `HttpBody` view: the chunk as a slice of the received buffer.
+struct BodyView {
+    var body = ByteBuffer()
+    var endOfStream = false
+
+    init(_ payload: ByteBuffer) throws {
+        var reader = ProtoReader(payload)
+        while let (f, w) = try reader.nextKey() {
+            switch (f, w) {
+            case (1, 2): body = try reader.lengthDelimited()
+            case (2, 0): endOfStream = try reader.varint() != 0
+            default: try reader.skip(w)
+            }
+        }
+    }
+}
+
+struct ProtoDecodingError: Error, CustomStringConvertible {
+    let description: String
+}
+
+/// Protobuf wire-format reader over a ByteBuffer (length-delimited fields come out as slices).
+struct ProtoReader {
+    private var buffer: ByteBuffer
+
+    init(_ buffer: ByteBuffer) { self.buffer = buffer }
+
+    /// The next field number and wire type, or nil at the end.
+    mutating func nextKey() throws -> (Int, UInt8)? {
+        guard buffer.readableBytes > 0 else { return nil }
+        let key = try varint()
+        let field = Int(truncatingIfNeeded: key >> 3)
+        guard field > 0 else { throw ProtoDecodingError(description: "field number 0") }
+        return (field, UInt8(key & 7))
+    }
+
+    mutating func varint() throws -> UInt64 {
+        var result: UInt64 = 0
+        var shift: UInt64 = 0
+        while let byte = buffer.readInteger(as: UInt8.self) {
+            result |= UInt64(byte & 0x7F) << shift
+            if byte & 0x80 == 0 { return result }
+            shift += 7
+            if shift >= 64 { break }
+        }
+        throw ProtoDecodingError(description: "malformed varint")
+    }
+
+    mutating func lengthDelimited() throws -> ByteBuffer {
+        let length = try varint()
+        guard length <= UInt64(buffer.readableBytes), let slice = buffer.readSlice(length: Int(length)) else {
+            throw ProtoDecodingError(description: "truncated length-delimited field")
+        }
+        return slice
+    }
+
+    mutating func skip(_ wireType: UInt8) throws {
+        switch wireType {
+        case 0: _ = try varint()
+        case 1: try advance(8)
+        case 2: _ = try lengthDelimited()
+        case 5: try advance(4)
+        default: throw ProtoDecodingError(description: "unsupported wire type \(wireType)")
+        }
+    }
+
+    private mutating func advance(_ n: Int) throws {
+        guard buffer.readableBytes >= n else { throw ProtoDecodingError(description: "truncated fixed-width field") }
+        buffer.moveReaderIndex(forwardBy: n)
+    }
+}

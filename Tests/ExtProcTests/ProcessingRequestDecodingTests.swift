@@ -1,0 +1,83 @@
+import Foundation
+import NIOCore
+import Protos
+import SwiftProtobuf
+import XCTest
+
+@testable import ExtProc
+
+/// The wire reader must see what swift-protobuf sees, including unknown fields and odd encodings.
+final class ProcessingRequestDecodingTests: XCTestCase {
+    func encode(_ m: Envoy_Service_ExtProc_V3_ProcessingRequest) throws -> ByteBuffer {
+        ByteBuffer(bytes: try m.serializedBytes() as [UInt8])
+    }
+
+    func headerPairs(_ view: HeadersView) throws -> [String] {
+        var out: [String] = []
+        try view.forEach { k, v in out.append(String(decoding: k, as: UTF8.self) + "=" + String(decoding: v, as: UTF8.self)) }
+        return out
+    }
+
+    func testRequestHeadersWithProtocolConfigAndMetadata() throws {
+        var m = Envoy_Service_ExtProc_V3_ProcessingRequest()
+        var h = Envoy_Service_ExtProc_V3_HttpHeaders()
+        for (k, v) in [(":path", "/v1/completions"), ("x-request-id", "r1"), ("empty", "")] {
+            var hv = Envoy_Config_Core_V3_HeaderValue()
+            hv.key = k
+            hv.rawValue = Data(v.utf8)
+            h.headers.headers.append(hv)
+        }
+        var legacy = Envoy_Config_Core_V3_HeaderValue()
+        legacy.key = "legacy"
+        legacy.value = "in-value-field"
+        h.headers.headers.append(legacy)
+        h.endOfStream = true
+        m.requestHeaders = h
+        m.protocolConfig.requestBodyMode = .fullDuplexStreamed
+        m.protocolConfig.responseBodyMode = .buffered
+        m.metadataContext.filterMetadata["envoy.lb.subset_hint"] = Google_Protobuf_Struct(fields: ["k": Google_Protobuf_Value(stringValue: "v")])
+        m.observabilityMode = true  // a field the reader skips
+
+        let r = try ExtProcRequest(decoding: try encode(m))
+        XCTAssertEqual(r.phase, .requestHeaders)
+        XCTAssertEqual(r.requestBodyMode, BodySendMode.fullDuplexStreamed.rawValue)
+        XCTAssertEqual(r.responseBodyMode, BodySendMode.buffered.rawValue)
+        let meta = try Envoy_Config_Core_V3_Metadata(serializedBytes: Array(r.metadataContext!.readableBytesView))
+        XCTAssertEqual(meta, m.metadataContext)
+        let view = try HeadersView(r.payload)
+        XCTAssertTrue(view.endOfStream)
+        XCTAssertEqual(try headerPairs(view), [":path=/v1/completions", "x-request-id=r1", "empty=", "legacy=in-value-field"])
+        XCTAssertEqual(view.value(of: "x-request-id"), "r1")
+    }
+
+    func testBodyPhasesAndNoProtocolConfig() throws {
+        for (phase, set) in [(ExtProcRequest.Phase.requestBody, true), (.responseBody, false)] {
+            var m = Envoy_Service_ExtProc_V3_ProcessingRequest()
+            var b = Envoy_Service_ExtProc_V3_HttpBody()
+            b.body = Data((0..<70_000).map { UInt8(truncatingIfNeeded: $0) })
+            b.endOfStream = true
+            if set { m.requestBody = b } else { m.responseBody = b }
+            let r = try ExtProcRequest(decoding: try encode(m))
+            XCTAssertEqual(r.phase, phase)
+            XCTAssertNil(r.requestBodyMode)
+            let view = try BodyView(r.payload)
+            XCTAssertTrue(view.endOfStream)
+            XCTAssertEqual(Data(view.body.readableBytesView), b.body)
+        }
+        var trailers = Envoy_Service_ExtProc_V3_ProcessingRequest()
+        trailers.responseTrailers = Envoy_Service_ExtProc_V3_HttpTrailers()
+        XCTAssertEqual(try ExtProcRequest(decoding: try encode(trailers)).phase, .responseTrailers)
+    }
+
+    func testMalformedInputThrows() {
+        for bytes: [UInt8] in [[0x12, 0x05, 0x01], [0x12], [0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x01], [0x0B], [0x00]] {
+            XCTAssertThrowsError(try ExtProcRequest(decoding: ByteBuffer(bytes: bytes)), "\(bytes)")
+        }
+        // A header map whose entry is truncated.
+        XCTAssertThrowsError(try HeadersView(ByteBuffer(bytes: [0x0A, 0x03, 0x0A, 0x05, 0x41])))
+    }
+
+    func testEmptyMessageHasNoPhase() throws {
+        XCTAssertNil(try ExtProcRequest(decoding: ByteBuffer()).phase)
+    }
+}
