@@ -119,3 +119,13 @@ def verdict(ok):
 
 def median(xs):
     return statistics.median(xs) if xs else float("nan")
+
+
+def machine_note():
+    """One line on how busy the machine is: latency figures mean little when other work competes."""
+    load1, _, _ = os.getloadavg()
+    ncpu = os.cpu_count() or 1
+    note = f"machine: {ncpu} CPUs, load average {load1:.1f}"
+    if load1 > 0.5 * ncpu:
+        note += " — BUSY: other processes compete for the pinned cores; throughput and latency are understated, CPU µs per request is the robust figure"
+    return note

@@ -63,9 +63,12 @@ def main(argv=None):
     p.add_argument("--release", action="store_true")
     a = p.parse_args(argv)
 
+    def interrupt(*_):
+        raise KeyboardInterrupt
+    # Ctrl-C and SIGTERM both stop everything (SIGINT may start ignored when launched in the background).
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
     st = stack.Stack()
-    stopping = []
-    signal.signal(signal.SIGTERM, lambda *_: stopping.append(1) or (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         backends = [b.strip() for b in a.backends.split(",") if b.strip()]
         for b in backends:

@@ -76,6 +76,7 @@ def main():
                 rows.append([label + (f" {RATE}/s" if rps else f" c={conns}"), path, f"{r.rps:,.0f}",
                              f"{r.p(0.5):.3f}", f"{r.p(0.99):.3f}", f"{us:.1f}" if path == "via EPP" else "-",
                              "yes" if r.clean else f"NO ({r.total - r.ok} bad)"])
+        print(bl.machine_note())
         print(f"\n(b) HTTP/1.1 through Envoy 1.40 (concurrency 1), backend = direct_response Envoy; median of "
               f"{bl.ROUNDS} × {bl.DURATION}s + {bl.WARMUP}s warm-up")
         print(bl.table(["load", "path", "req/s", "p50 ms", "p99 ms", "EPP CPU µs/req", "all 2xx"], rows))

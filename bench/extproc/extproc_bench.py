@@ -98,6 +98,7 @@ def main():
             rows.append([f"{conns}x{streams}", f"{rps:,.0f}", f"{us:.1f}", "yes" if r.clean else f"NO ({r.failed} failed)"])
             if best is None or rps > best[0]:
                 best = (rps, us, f"{conns}x{streams}")
+        print(bl.machine_note())
         print("\n(a) ext_proc Process cycles over h2c, picker pinned to one core (median of "
               f"{bl.ROUNDS} × {bl.DURATION}s + {bl.WARMUP}s warm-up)")
         print(bl.table(["conns x streams", "cycles/s", "EPP CPU µs/cycle", "all OK"], rows))

@@ -90,6 +90,7 @@ def main():
             added[buffer] = (bl.percentile(res["via EPP"], 0.5) - bl.percentile(res["direct"], 0.5),
                              bl.percentile(res["via EPP"], 0.9) - bl.percentile(res["direct"], 0.9),
                              bl.percentile(res["via EPP"], 0.5) / bl.percentile(res["direct"], 0.5))
+        print(bl.machine_note())
         print(f"\n(c) TTFB of a stream:true completion with a {len(body) / 1000:.0f} KB body through Envoy 1.40 "
               f"(HTTP/1.1, fake vLLM backend), {ITER} alternating requests per path; Envoy buffer = "
               f"per_connection_buffer_limit_bytes (GIE uses 32 KiB: the body crosses the EPP in 32 KiB chunks)")

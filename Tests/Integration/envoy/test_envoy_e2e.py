@@ -424,3 +424,32 @@ def test_demo_check_mode(backends):
     assert out.returncode == 0, out.stdout + out.stderr
     assert "CHECK OK" in out.stdout
     assert "facebook/opt-125m-canary" in out.stdout and "restored to 'opt-stable': 200/200" in out.stdout
+
+
+def test_broken_rule_file_keeps_last_good_rules(gateway_factory):
+    """A broken manifest is reported (file and line) and the last good rules stay in force, no errors."""
+    gw = gateway_factory(name="broken", rules=stack.rewrite_rule([(CANARY, None)]))
+    rule = gw.config_dir / "opt-stable.yaml"
+    for _ in range(20):
+        r = request(gw.port, "POST", "/v1/completions", completion())
+        assert r.status == 200 and r.header("x-gateway-target-model") == CANARY
+    stack.write_rule_atomically(rule, "apiVersion: inference.networking.x-k8s.io/v1alpha2\nkind: InferenceModelRewrite\n"
+                                      "metadata: { name: opt-stable\nspec: [ unclosed\n")
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and "opt-stable.yaml" not in gw.epp.log_text():
+        time.sleep(0.1)
+    for _ in range(50):
+        r = request(gw.port, "POST", "/v1/completions", completion())
+        assert r.status == 200, r
+        assert r.header("x-gateway-target-model") == CANARY and r.json()["model"] == "opt-stable"
+    log = gw.epp.log_text()
+    assert "opt-stable.yaml" in log and '"line"' in log, log[-2000:]
+    # Fixing the file applies the new rule.
+    stack.write_rule_atomically(rule, stack.rewrite_rule([(STABLE, None)]))
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        r = request(gw.port, "POST", "/v1/completions", completion())
+        if r.header("x-gateway-target-model") == STABLE:
+            break
+        time.sleep(0.05)
+    assert r.header("x-gateway-target-model") == STABLE
