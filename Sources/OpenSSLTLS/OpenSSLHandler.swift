@@ -100,7 +100,15 @@ public final class OpenSSLHandler: ChannelDuplexHandler, RemovableChannelHandler
         var ssl = SSL_new(context.ctx)
         var rbio = BIO_new(BIO_s_mem())
         var wbio = BIO_new(BIO_s_mem())
-        if let s = ssl, let r = rbio, let w = wbio {
+        let roleMatches: Bool
+        if case .server = role { roleMatches = context.isServer } else { roleMatches = !context.isServer }
+        if !roleMatches {
+            if let s = ssl { SSL_free(s) }
+            if let r = rbio { BIO_free(r) }
+            if let w = wbio { BIO_free(w) }
+            ssl = nil; rbio = nil; wbio = nil
+            setupError = context.isServer ? "a server TLSContext used for a client connection" : "a client TLSContext used for a server connection"
+        } else if let s = ssl, let r = rbio, let w = wbio {
             // An empty memory BIO reports "retry" (WANT_READ) rather than EOF.
             _ = shim_BIO_set_mem_eof_return(r, -1)
             _ = shim_BIO_set_mem_eof_return(w, -1)

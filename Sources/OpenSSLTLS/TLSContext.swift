@@ -7,7 +7,7 @@ import COpenSSL
 /// Every `OpenSSLHandler` keeps its context alive (the ALPN callback points into it).
 public final class TLSContext: @unchecked Sendable {
     let ctx: OpaquePointer
-    /// Whether this is a server context (handlers pick accept vs. connect state from the role, this is a sanity check).
+    /// Whether this is a server context; a handler whose role does not match fails its channel with a clear error.
     let isServer: Bool
     /// Client only: whether the peer chain and host name are verified.
     let verifiesPeer: Bool

@@ -333,6 +333,16 @@ final class OpenSSLTLSTests: XCTestCase {
         XCTAssertNoThrow(try client.inactive.wait(seconds: 10))
     }
 
+    func testContextRoleMismatchFailsCleanly() throws {
+        let server = try selfSignedServer()
+        let listener = try startTLSServer(group: group, recorder: ServerRecorder()) { server }
+        defer { try? listener.close().wait() }
+        let client = try connectTLSClient(group: group, port: listener.localAddress!.port!, tls: server, hostname: "localhost")
+        let error = try client.firstError.wait(seconds: 10)
+        XCTAssertTrue(error.contains("server TLSContext used for a client connection"), error)
+        XCTAssertNoThrow(try client.inactive.wait(seconds: 10))
+    }
+
     func testCorruptedRecordAfterHandshakeClosesWithError() throws {
         let server = try selfSignedServer()
         let recorder = ServerRecorder()
