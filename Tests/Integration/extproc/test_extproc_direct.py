@@ -564,3 +564,51 @@ def test_client_resets_do_not_kill_connection(epp):
     finally:
         sock.close()
     assert goaway is None, f"connection torn down after {done} streams: {goaway}"
+
+
+def test_content_length_kept_true(epp):
+    """Other gateways forward content-length: the routing reply corrects it for the rewritten body, and the
+    response headers drop it when the alias restore may change the response length."""
+    body = body_of(model="alias", prompt="len")
+
+    async def go(ch):
+        s = Stream(ch)
+        await s.send(req_headers(headers={"content-length": str(len(body))}), req_body(body), req_body(b"", eos=True))
+        reqs = await s.collect_request()
+        await s.send(resp_headers())
+        rh = await s.recv()
+        await s.send(resp_body(b'{"model":"backend-model"}', eos=True))
+        rb = await s.recv()
+        await s.close()
+        return reqs, rh, rb
+    reqs, rh, rb = run(epp, go)
+    out = joined_request_body(reqs)
+    assert out == splice(body, b'"alias"', "backend-model")
+    assert set_headers(reqs[0].request_headers.response).get("content-length") == str(len(out))
+    mutation = rh.response_headers.response.header_mutation
+    assert "content-length" in list(mutation.remove_headers)
+    assert streamed_body(rb)[0] == b'{"model":"alias"}'
+
+
+def test_body_cap_413_direct(epp_factory):
+    e = epp_factory(extra=["--max-request-body-bytes=2000"], name="cap")
+
+    async def go(ch):
+        out = []
+        for body in (body_of(prompt="a" * 1000), body_of(prompt="a" * 5000),
+                     b'{"prompt":"' + b"b" * 5000 + b'","model":"alias"}'):
+            s = Stream(ch)
+            await s.send(req_headers())
+            for i in range(0, len(body), 700):
+                await s.send(req_body(body[i:i + 700]))
+            await s.send(req_body(b"", eos=True))
+            replies = await s.collect_request()
+            await s.close()
+            out.append(replies)
+        return out
+    ok, big_first, big_last = run(e, go)
+    assert kind(ok[0]) == "request_headers"
+    for replies in (big_first, big_last):
+        r = replies[-1]
+        assert kind(r) == "immediate_response" and r.immediate_response.status.code == 413, r
+        assert json.loads(r.immediate_response.body)["error"]["code"] == 413
