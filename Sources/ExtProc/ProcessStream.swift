@@ -125,7 +125,11 @@ final class ProcessStream: GRPCStreamHandler {
             // Rare (subset hints): the generic decoder is fine here.
             metadata = try? Envoy_Config_Core_V3_Metadata(serializedBytes: Array(raw.readableBytesView))
         }
-        info = RequestInfo(headers, metadata: metadata, affinityHeader: affinityHeader)
+        do {
+            info = try RequestInfo(headers, metadata: metadata, affinityHeader: affinityHeader)
+        } catch {
+            return protocolViolation("malformed request headers: \(error)", stream)
+        }
         snapshot = state.snapshot
         if info.requestID == nil { generatedRequestID = rng.uuidString() }
 
@@ -412,8 +416,12 @@ final class ProcessStream: GRPCStreamHandler {
 
     private func onResponseHeaders(_ headers: HeadersView, _ stream: GRPCServerStream) {
         var mode = ResponseModelRewriter.Mode.passthrough
-        try? headers.forEach { key, value in
-            if key.elementsEqual("content-type".utf8) { mode = Self.responseMode(contentType: value) }
+        do {
+            try headers.forEach { key, value in
+                if key.equals("content-type") { mode = Self.responseMode(contentType: value) }
+            }
+        } catch {
+            return protocolViolation("malformed response headers: \(error)", stream)
         }
         var replacement: String?
         if configuration.restoreModelAlias, let client = clientModel, let target = targetModel, client != target {

@@ -1,3 +1,5 @@
+import Foundation
+import GRPCServer
 import NIOCore
 
 /// A decoded `envoy.service.ext_proc.v3.ProcessingRequest`, as views into the received buffer.
@@ -68,7 +70,6 @@ struct HeadersView {
         }
         headerMap = map
         endOfStream = eos
-        try forEach { _, _ in }  // validate once, so later iterations cannot fail
     }
 
     /// Calls `body` with each field's name and value (`raw_value`, or `value` when that is empty).
@@ -97,12 +98,10 @@ struct HeadersView {
     }
 
     /// The value of the first field named `name` (lower case), as a String.
-    func value(of name: StaticString) -> String? {
+    func value(of name: StaticString) throws -> String? {
         var found: String?
-        try? forEach { k, v in
-            if found == nil && k.elementsEqual(UnsafeRawBufferPointer(start: name.utf8Start, count: name.utf8CodeUnitCount)) {
-                found = String(decoding: v, as: UTF8.self)
-            }
+        try forEach { k, v in
+            if found == nil && k.equals(name) { found = String(decoding: v, as: UTF8.self) }
         }
         return found
     }
@@ -177,5 +176,12 @@ struct ProtoReader {
     private mutating func advance(_ n: Int) throws {
         guard buffer.readableBytes >= n else { throw ProtoDecodingError(description: "truncated fixed-width field") }
         buffer.moveReaderIndex(forwardBy: n)
+    }
+}
+
+extension UnsafeRawBufferPointer {
+    @inline(__always)
+    func equals(_ bytes: [UInt8]) -> Bool {
+        count == bytes.count && bytes.withUnsafeBytes { count == 0 || memcmp(baseAddress!, $0.baseAddress!, count) == 0 }
     }
 }

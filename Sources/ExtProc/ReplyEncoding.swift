@@ -19,38 +19,76 @@ enum ReplyEncoding {
     /// `request_headers` (or `response_headers`) reply with an optional mutation, optional
     /// `clear_route_cache`, and the `envoy.lb` destination metadata when `destination` is set.
     static func headersReply(request: Bool, changes: HeaderChanges, clearRouteCache: Bool, destination: String?) -> ByteBuffer {
-        var common = ProtoWriter()
-        if !changes.isEmpty {
-            var mutation = ProtoWriter()
-            for (key, value) in changes.setHeaders {
-                var header = ProtoWriter()
-                header.string(1, key)
-                header.string(3, value)  // raw_value
-                var option = ProtoWriter()
-                option.message(1, header)
-                option.varint(3, 2)  // OVERWRITE_IF_EXISTS_OR_ADD
-                mutation.message(1, option)
-            }
-            for name in changes.removeHeaders { mutation.string(2, name) }
-            common.message(2, mutation)
+        // Sizes bottom-up, then one pass writing into a single buffer.
+        func field(_ n: Int) -> Int { 1 + varintSize(n) + n }
+        var optionSizes: [(Int, Int)] = []  // (HeaderValue, HeaderValueOption) sizes
+        optionSizes.reserveCapacity(changes.setHeaders.count)
+        var mutation = 0
+        for (key, value) in changes.setHeaders {
+            let header = field(key.utf8.count) + field(value.utf8.count)
+            let option = field(header) + 2
+            optionSizes.append((header, option))
+            mutation += field(option)
         }
-        if clearRouteCache { common.varint(5, 1) }
-        var headers = ProtoWriter()
-        headers.message(1, common)
-        var response = ProtoWriter()
-        response.message(request ? 1 : 2, headers)
+        for name in changes.removeHeaders { mutation += field(name.utf8.count) }
+        let common = (changes.isEmpty ? 0 : field(mutation)) + (clearRouteCache ? 2 : 0)
+        let headers = field(common)
+        var metadataSizes = (value: 0, entry: 0, inner: 0, outerValue: 0, outerEntry: 0, outer: 0)
+        var total = field(headers)
         if let destination {
-            var value = ProtoWriter()
-            value.string(3, destination)  // string_value
-            var inner = ProtoWriter()
-            inner.mapEntry(1, key: WireNames.destinationHeader, value: value)
-            var outerValue = ProtoWriter()
-            outerValue.message(5, inner)  // struct_value
-            var outer = ProtoWriter()
-            outer.mapEntry(1, key: WireNames.destinationMetadataNamespace, value: outerValue)
-            response.message(8, outer)  // dynamic_metadata
+            metadataSizes.value = field(destination.utf8.count)
+            metadataSizes.entry = field(WireNames.destinationHeader.utf8.count) + field(metadataSizes.value)
+            metadataSizes.inner = field(metadataSizes.entry)
+            metadataSizes.outerValue = field(metadataSizes.inner)
+            metadataSizes.outerEntry = field(WireNames.destinationMetadataNamespace.utf8.count) + field(metadataSizes.outerValue)
+            metadataSizes.outer = field(metadataSizes.outerEntry)
+            total += field(metadataSizes.outer)
         }
-        return response.framed()
+
+        var b = ProtobufAllocator.allocator.buffer(capacity: 5 + total)
+        b.writeInteger(UInt8(0))
+        b.writeInteger(UInt32(total))
+        func key(_ field: Int) { b.writeInteger(UInt8(field << 3 | 2)) }
+        func bytes(_ field: Int, _ s: String) {
+            key(field)
+            writeVarint(&b, s.utf8.count)
+            b.writeString(s)
+        }
+        func open(_ field: Int, _ size: Int) {
+            key(field)
+            writeVarint(&b, size)
+        }
+        open(request ? 1 : 2, headers)       // ProcessingResponse.request_headers / response_headers
+        open(1, common)                      // HeadersResponse.response
+        if !changes.isEmpty {
+            open(2, mutation)                // CommonResponse.header_mutation
+            for (i, (k, v)) in changes.setHeaders.enumerated() {
+                open(1, optionSizes[i].1)    // HeaderMutation.set_headers
+                open(1, optionSizes[i].0)    // HeaderValueOption.header
+                bytes(1, k)                  // HeaderValue.key
+                bytes(3, v)                  // HeaderValue.raw_value
+                b.writeInteger(UInt8(0x18))  // HeaderValueOption.append_action
+                b.writeInteger(UInt8(2))     // OVERWRITE_IF_EXISTS_OR_ADD
+            }
+            for name in changes.removeHeaders { bytes(2, name) }  // HeaderMutation.remove_headers
+        }
+        if clearRouteCache {
+            b.writeInteger(UInt8(0x28))      // CommonResponse.clear_route_cache
+            b.writeInteger(UInt8(1))
+        }
+        if let destination {
+            open(8, metadataSizes.outer)     // ProcessingResponse.dynamic_metadata (Struct)
+            open(1, metadataSizes.outerEntry)  // Struct.fields entry
+            bytes(1, WireNames.destinationMetadataNamespace)
+            open(2, metadataSizes.outerValue)  // Value
+            open(5, metadataSizes.inner)     // Value.struct_value
+            open(1, metadataSizes.entry)     // Struct.fields entry
+            bytes(1, WireNames.destinationHeader)
+            open(2, metadataSizes.value)     // Value
+            bytes(3, destination)            // Value.string_value
+        }
+        assert(b.readableBytes == 5 + total)
+        return b
     }
 
     /// A FULL_DUPLEX_STREAMED body piece: ProcessingResponse{request_body|response_body{response{
@@ -107,52 +145,3 @@ enum ProtobufAllocator {
     static let allocator = ByteBufferAllocator()
 }
 
-/// Appends protobuf fields to a byte array; nested messages are built first, then embedded.
-struct ProtoWriter {
-    private(set) var bytes: [UInt8] = []
-
-    mutating func key(_ field: Int, _ wireType: UInt8) { appendVarint(UInt64(field << 3) | UInt64(wireType)) }
-
-    mutating func appendVarint(_ v: UInt64) {
-        var v = v
-        while v >= 0x80 {
-            bytes.append(UInt8(v & 0x7F | 0x80))
-            v >>= 7
-        }
-        bytes.append(UInt8(v))
-    }
-
-    mutating func varint(_ field: Int, _ value: UInt64) {
-        key(field, 0)
-        appendVarint(value)
-    }
-
-    mutating func string(_ field: Int, _ value: String) {
-        key(field, 2)
-        appendVarint(UInt64(value.utf8.count))
-        bytes.append(contentsOf: value.utf8)
-    }
-
-    mutating func message(_ field: Int, _ inner: ProtoWriter) {
-        key(field, 2)
-        appendVarint(UInt64(inner.bytes.count))
-        bytes.append(contentsOf: inner.bytes)
-    }
-
-    /// A `map<string, Message>` entry.
-    mutating func mapEntry(_ field: Int, key entryKey: String, value: ProtoWriter) {
-        var entry = ProtoWriter()
-        entry.string(1, entryKey)
-        entry.message(2, value)
-        message(field, entry)
-    }
-
-    /// The bytes as one gRPC message (5-byte prefix + payload).
-    func framed() -> ByteBuffer {
-        var b = ProtobufAllocator.allocator.buffer(capacity: 5 + bytes.count)
-        b.writeInteger(UInt8(0))
-        b.writeInteger(UInt32(bytes.count))
-        b.writeBytes(bytes)
-        return b
-    }
-}

@@ -54,25 +54,28 @@ struct RequestInfo {
 
     init() {}
 
-    init(_ headers: HeadersView, metadata: Envoy_Config_Core_V3_Metadata?, affinityHeader: String?) {
+    init(_ headers: HeadersView, metadata: Envoy_Config_Core_V3_Metadata?, affinityHeader: String?) throws {
         let affinity = affinityHeader.map { Array($0.utf8) }
-        try? headers.forEach { key, value in
+        try headers.forEach { key, value in
             guard let first = key.first else { return }
             // Only a few names matter; compare bytes and decode just those values.
             switch first {
             case UInt8(ascii: ":"):
-                if key.elementsEqual(":path".utf8) { path = String(decoding: value, as: UTF8.self) }
-                else if key.elementsEqual(":method".utf8) { method = String(decoding: value, as: UTF8.self) }
+                if key.equals(":path") { path = String(decoding: value, as: UTF8.self) }
+                else if key.equals(":method") { method = String(decoding: value, as: UTF8.self) }
             case UInt8(ascii: "c"):
-                if key.elementsEqual("content-length".utf8) { contentLength = Int(String(decoding: value, as: UTF8.self)) }
+                if key.equals("content-length") { contentLength = Int(String(decoding: value, as: UTF8.self)) }
             case UInt8(ascii: "x"):
-                if key.elementsEqual("x-request-id".utf8) { requestID = String(decoding: value, as: UTF8.self) }
-                else if Self.matchesAny(key, WireNames.modelRewriteHeaders) { modelRewriteHeader = String(decoding: value, as: UTF8.self) }
-                else if Self.matchesAny(key, WireNames.objectiveHeaders) { objective = String(decoding: value, as: UTF8.self) }
+                if key.equals("x-request-id") { requestID = String(decoding: value, as: UTF8.self) }
+                else if key.equals("x-gateway-model-name-rewrite") || key.equals("x-llm-d-model-name-rewrite") {
+                    modelRewriteHeader = String(decoding: value, as: UTF8.self)
+                } else if key.equals("x-gateway-inference-objective") || key.equals("x-llm-d-inference-objective") {
+                    objective = String(decoding: value, as: UTF8.self)
+                }
             default:
                 break
             }
-            if let affinity, key.elementsEqual(affinity) { affinityHeaderValue = String(decoding: value, as: UTF8.self) }
+            if let affinity, key.equals(affinity) { affinityHeaderValue = String(decoding: value, as: UTF8.self) }
         }
         api = InferenceAPIKind(path: path)
         if let hint = metadata?.filterMetadata[WireNames.subsetHintNamespace]?.fields[WireNames.subsetHintKey] {
@@ -84,10 +87,6 @@ struct RequestInfo {
                 subset = []
             }
         }
-    }
-
-    private static func matchesAny(_ key: UnsafeRawBufferPointer, _ names: [String]) -> Bool {
-        names.contains { key.elementsEqual($0.utf8) }
     }
 
     /// Envoy sends values in `raw_value`; older versions in `value`.

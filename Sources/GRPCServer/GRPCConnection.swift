@@ -1,3 +1,4 @@
+import Foundation
 import Logging
 import NGHTTP2Server
 import NIOCore
@@ -68,24 +69,24 @@ final class GRPCConnection: HTTP2ServerApplication {
         guard !isTrailers, let call = calls[id] else { return }
         guard let first = name.first else { return }
         if first == UInt8(ascii: ":") {
-            if name.elementsEqual(":path".utf8) {
+            if name.equals(":path") {
                 call.pathSeen = true
                 call.route = router.route(value)
-            } else if name.elementsEqual(":method".utf8) {
-                call.isPOST = value.elementsEqual("POST".utf8)
+            } else if name.equals(":method") {
+                call.isPOST = value.equals("POST")
             }
             return
         }
         switch name.count {
-        case 12 where name.elementsEqual("content-type".utf8):
+        case 12 where name.equals("content-type"):
             // application/grpc, optionally +proto or ;params
             let prefix = "application/grpc".utf8
             call.contentTypeOK = value.count >= prefix.count && value.prefix(prefix.count).elementsEqual(prefix)
                 && (value.count == prefix.count || value[prefix.count] == UInt8(ascii: "+") || value[prefix.count] == UInt8(ascii: ";"))
-        case 12 where name.elementsEqual("grpc-timeout".utf8):
+        case 12 where name.equals("grpc-timeout"):
             call.timeoutNanos = parseGRPCTimeout(value)
-        case 13 where name.elementsEqual("grpc-encoding".utf8):
-            if !value.elementsEqual("identity".utf8) {
+        case 13 where name.equals("grpc-encoding"):
+            if !value.equals("identity") {
                 call.unsupportedEncoding = String(decoding: value, as: UTF8.self)
             }
         default:
@@ -350,5 +351,14 @@ final class GRPCConnection: HTTP2ServerApplication {
         let handler = stream.handler
         finish(stream, GRPCStatus(.deadlineExceeded, "deadline exceeded"))
         handler?.cancelled(stream)
+    }
+}
+
+extension UnsafeRawBufferPointer {
+    /// Byte equality with a constant (header names on the per-request path), without going
+    /// through generic sequence comparison.
+    @inlinable
+    public func equals(_ s: StaticString) -> Bool {
+        count == s.utf8CodeUnitCount && (count == 0 || memcmp(baseAddress!, s.utf8Start, count) == 0)
     }
 }
