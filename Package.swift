@@ -75,7 +75,7 @@ let package = Package(
             .product(name: "Yams", package: "Yams"),
         ]),
         .target(name: "EPP", dependencies: [
-            "GRPCServer", "ExtProc", "InferenceRouting", "Kubernetes", "OpenSSLTLS",
+            "GRPCServer", "ExtProc", "InferenceRouting", "Kubernetes", "OpenSSLTLS", "StreamingJSON",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),

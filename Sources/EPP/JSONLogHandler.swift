@@ -1,5 +1,6 @@
 import Foundation
 import Logging
+import StreamingJSON
 
 /// One JSON object per line on stderr: what log collectors in a cluster expect.
 struct JSONLogHandler: LogHandler {
@@ -38,18 +39,6 @@ struct JSONLogHandler: LogHandler {
     }
 
     static func quote(_ s: String) -> String {
-        var out = "\""
-        for u in s.unicodeScalars {
-            switch u {
-            case "\"": out += "\\\""
-            case "\\": out += "\\\\"
-            case "\n": out += "\\n"
-            case "\r": out += "\\r"
-            case "\t": out += "\\t"
-            default:
-                if u.value < 0x20 { out += String(format: "\\u%04x", u.value) } else { out.unicodeScalars.append(u) }
-            }
-        }
-        return out + "\""
+        String(decoding: JSONStringEncoding.quoted(s), as: UTF8.self)
     }
 }

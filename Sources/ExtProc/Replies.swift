@@ -1,5 +1,6 @@
 import Foundation
 import Protos
+import StreamingJSON
 import SwiftProtobuf
 
 typealias ProcessingRequest = Envoy_Service_ExtProc_V3_ProcessingRequest
@@ -161,22 +162,5 @@ struct PickerError: Error {
 }
 
 func jsonQuote(_ s: String) -> String {
-    var out = "\""
-    for u in s.unicodeScalars {
-        switch u {
-        case "\"": out += "\\\""
-        case "\\": out += "\\\\"
-        case "\n": out += "\\n"
-        case "\r": out += "\\r"
-        case "\t": out += "\\t"
-        default:
-            if u.value < 0x20 {
-                let hex = String(u.value, radix: 16)
-                out += "\\u" + String(repeating: "0", count: 4 - hex.count) + hex
-            } else {
-                out.unicodeScalars.append(u)
-            }
-        }
-    }
-    return out + "\""
+    String(decoding: JSONStringEncoding.quoted(s), as: UTF8.self)
 }
