@@ -24,6 +24,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_DRAIN = 2  # seconds: keep teardown short; shutdown tests pass their own --drain-timeout
+STANDALONE_ENDPOINT = "127.0.0.2:8000"  # nothing listens there; the gRPC suites never route a request
 
 
 def epp_binary() -> Path:
@@ -121,6 +122,10 @@ class EppProcess:
                 "--secure-serving=" + ("true" if secure else "false")]
         if cert_dir is not None:
             args += ["--cert-path", str(cert_dir)]
+        # epp needs a mode: standalone (--endpoints / --config-dir) or Kubernetes (--pool-name). The gRPC suites
+        # only need the server, so give it an endpoint nothing listens on unless the test chose a mode.
+        if not any(f.split("=", 1)[0] in ("--endpoints", "--config-dir", "--pool-name") for f in flags):
+            args += ["--endpoints", STANDALONE_ENDPOINT]
         if drain_timeout is not None and not any(f.startswith("--drain-timeout") for f in flags):
             args += ["--drain-timeout", str(drain_timeout)]
         args += flags
@@ -255,6 +260,18 @@ def epp_module_factory(tmp_path_factory):
     f = EppFactory(tmp_path_factory.mktemp("epp"))
     yield f
     f.close()
+
+
+@pytest.fixture(scope="session")
+def cert_factory():
+    """make_cert(directory, cn) -> directory with tls.crt/tls.key (a fixture, so suites need not import conftest)."""
+    return make_cert
+
+
+@pytest.fixture(scope="session")
+def served_cert():
+    """fetch_served_cert_pem(port) -> the PEM certificate a TLS port presents."""
+    return fetch_served_cert_pem
 
 
 @pytest.fixture

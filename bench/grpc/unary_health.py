@@ -73,7 +73,8 @@ def main() -> int:
     ep, hp, mp, np_ = free_port(), free_port(), free_port(), free_port()
     epp = PinnedServer("epp", [epp_bin, "--secure-serving=false", "--bind-address", "127.0.0.1",
                                "--grpc-port", str(ep), "--grpc-health-port", str(hp), "--metrics-port", str(mp),
-                               "--log-level", "warning", "--drain-timeout", "1"], ep, work / "epp.log")
+                               "--log-level", "warning", "--drain-timeout", "1",
+                               "--endpoints", "127.0.0.2:8000"], ep, work / "epp.log")
     ngd = PinnedServer("nghttpd", ["nghttpd", "--no-tls", "-a", "127.0.0.1", "-d", str(htdocs), str(np_)], np_,
                        work / "nghttpd.log")
     servers = {"epp": epp, "nghttpd": ngd}

@@ -11,7 +11,6 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conftest import fetch_served_cert_pem, make_cert
 from epp_testlib import HEALTH_SERVICES, SERVICE_UNKNOWN, SERVING, health_check
 
 MODES = ["h2c", "tls-self-signed", "tls-cert-path"]
@@ -19,13 +18,13 @@ PORTS = ["grpc", "health"]
 
 
 @pytest.fixture(scope="module", params=MODES)
-def server(request, epp_module_factory, tmp_path_factory):
+def server(request, epp_module_factory, tmp_path_factory, cert_factory):
     mode = request.param
     if mode == "h2c":
         return epp_module_factory([], name="h2c")
     if mode == "tls-self-signed":
         return epp_module_factory([], name="tls-self", secure=True)
-    certs = make_cert(tmp_path_factory.mktemp("certs"), "epp.test")
+    certs = cert_factory(tmp_path_factory.mktemp("certs"), "epp.test")
     return epp_module_factory([], name="tls-certpath", secure=True, cert_dir=certs)
 
 
@@ -83,16 +82,16 @@ def test_listening_log_lines(server):
         "expected one log line containing 'listening' per listener (gRPC + health)\n" + server.log_tail()
 
 
-def test_tls_served_certificate(server):
+def test_tls_served_certificate(server, served_cert):
     if not server.secure:
         # h2c: a TLS handshake on the port must not succeed
         with pytest.raises((ssl.SSLError, OSError)):
-            fetch_served_cert_pem(server.grpc_port, timeout=3)
+            served_cert(server.grpc_port, timeout=3)
         return
     # the plain stdlib way (no ALPN) fetches the same certificate as the ALPN h2 handshake
     pem = ssl.get_server_certificate(("127.0.0.1", server.grpc_port), timeout=5)
     assert ssl.PEM_cert_to_DER_cert(pem) == ssl.PEM_cert_to_DER_cert(server.root_pem.decode())
-    assert ssl.PEM_cert_to_DER_cert(fetch_served_cert_pem(server.health_port)) == \
+    assert ssl.PEM_cert_to_DER_cert(served_cert(server.health_port)) == \
         ssl.PEM_cert_to_DER_cert(server.root_pem.decode())
     if server.cert_dir is not None:
         on_disk = (server.cert_dir / "tls.crt").read_text()
@@ -117,11 +116,11 @@ def test_tls_refuses_http11_only_alpn(server):
     assert proto != "http/1.1", "server negotiated http/1.1 on a gRPC port"
 
 
-def test_tls_rejects_verification_with_wrong_root(server, tmp_path):
+def test_tls_rejects_verification_with_wrong_root(server, tmp_path, cert_factory):
     """Sanity check of the trust setup itself: a different root must fail verification."""
     if not server.secure:
         return
-    other = make_cert(tmp_path / "other", "other.test")
+    other = cert_factory(tmp_path / "other", "other.test")
     creds = grpc.ssl_channel_credentials(root_certificates=(other / "tls.crt").read_bytes())
     opts = [("grpc.ssl_target_name_override", server.target_name or "epp.test")]
     with grpc.secure_channel(server.target("grpc"), creds, options=opts) as ch:
@@ -145,17 +144,17 @@ def _replace_cert(dest, src) -> None:
         os.replace(tmp, dest / name)
 
 
-def _served_der(port: int) -> bytes | None:
+def _served_der(served_cert, port: int) -> bytes | None:
     try:
-        return ssl.PEM_cert_to_DER_cert(fetch_served_cert_pem(port, timeout=3))
+        return ssl.PEM_cert_to_DER_cert(served_cert(port, timeout=3))
     except (OSError, ssl.SSLError):
         return None
 
 
 @pytest.mark.parametrize("style", ["rename", "k8s-symlink-swap"])
-def test_cert_reload(epp_factory, tmp_path, style):
-    first = make_cert(tmp_path / "first", "epp.test")
-    second = make_cert(tmp_path / "second", "epp2.test")
+def test_cert_reload(epp_factory, tmp_path, style, cert_factory, served_cert):
+    first = cert_factory(tmp_path / "first", "epp.test")
+    second = cert_factory(tmp_path / "second", "epp2.test")
     if style == "rename":
         live = tmp_path / "live"
         live.mkdir()
@@ -171,7 +170,7 @@ def test_cert_reload(epp_factory, tmp_path, style):
     s = epp_factory([], name=f"reload-{style}", secure=True, cert_dir=live)
     first_der = ssl.PEM_cert_to_DER_cert((first / "tls.crt").read_text())
     second_der = ssl.PEM_cert_to_DER_cert((second / "tls.crt").read_text())
-    assert _served_der(s.grpc_port) == first_der
+    assert _served_der(served_cert, s.grpc_port) == first_der
 
     # an established channel made with the first cert keeps working across the reload
     old_ch = s.channel("grpc")
@@ -186,12 +185,12 @@ def test_cert_reload(epp_factory, tmp_path, style):
     deadline = time.monotonic() + 30
     seen = None
     while time.monotonic() < deadline:
-        seen = _served_der(s.grpc_port)
+        seen = _served_der(served_cert, s.grpc_port)
         if seen == second_der:
             break
         time.sleep(0.5)
     assert seen == second_der, "new connections did not get the replaced certificate within 30 s\n" + s.log_tail()
-    assert _served_der(s.health_port) == second_der, "health port still serves the old certificate"
+    assert _served_der(served_cert, s.health_port) == second_der, "health port still serves the old certificate"
 
     creds = grpc.ssl_channel_credentials(root_certificates=(second / "tls.crt").read_bytes())
     with grpc.secure_channel(s.target("grpc"), creds, options=[("grpc.ssl_target_name_override", "epp2.test")]) as ch:
