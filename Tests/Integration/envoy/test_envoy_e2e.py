@@ -453,3 +453,16 @@ def test_broken_rule_file_keeps_last_good_rules(gateway_factory):
             break
         time.sleep(0.05)
     assert r.header("x-gateway-target-model") == STABLE
+
+
+def test_h2c_multiplexed_load(seed_gateway, tmp_path):
+    """2,000 requests as 2 h2c connections × 50 concurrent streams (h2load) through Envoy: all 200."""
+    import re
+    import subprocess
+    body = tmp_path / "req.json"
+    body.write_bytes(completion(prompt="multiplexed " * 50))
+    out = subprocess.run(["h2load", f"http://127.0.0.1:{seed_gateway.port}/v1/completions", "-n", "2000", "-c", "2",
+                          "-m", "50", "-d", str(body), "-H", "content-type: application/json"],
+                         capture_output=True, text=True, timeout=120).stdout
+    m = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out)
+    assert m and int(m.group(1)) == 2000, out

@@ -612,3 +612,52 @@ def test_body_cap_413_direct(epp_factory):
         r = replies[-1]
         assert kind(r) == "immediate_response" and r.immediate_response.status.code == 413, r
         assert json.loads(r.immediate_response.body)["error"]["code"] == 413
+
+
+async def _exchange(ch, body, headers=None, content_type="application/json", response_parts=(), resp_extra=None):
+    s = Stream(ch)
+    await s.send(req_headers(headers=headers), req_body(body, eos=True))
+    reqs = await s.collect_request()
+    rh_msg = resp_headers(content_type=content_type)
+    for k, v in (resp_extra or {}).items():
+        rh_msg.response_headers.headers.headers.add(key=k, raw_value=v.encode())
+    await s.send(rh_msg)
+    rh = await s.recv()
+    out = b""
+    for i, p in enumerate(response_parts):
+        await s.send(resp_body(p, eos=i == len(response_parts) - 1))
+    while response_parts:
+        r = await s.recv()
+        out += streamed_body(r)[0]
+        if streamed_body(r)[1]:
+            break
+    await s.close()
+    return reqs, rh, out
+
+
+def test_restore_escapes_client_model(epp):
+    """The client's model had escapes; the restored response value must be valid JSON naming the same string."""
+    client_body = b'{"model":"we\\"ird \\u00e9 \\\\ name","prompt":"x"}'
+    client_model = json.loads(client_body)["model"]
+
+    async def go(ch):
+        return await _exchange(ch, client_body, headers={"x-gateway-model-name-rewrite": "backend-model"},
+                               response_parts=[b'{"id":"1","model":"backend-model","choices":[]}'])
+    reqs, rh, out = run(epp, go)
+    assert top_model(joined_request_body(reqs)) == "backend-model"
+    assert json.loads(out)["model"] == client_model, out
+
+
+def test_non_json_and_compressed_responses_pass_through(epp):
+    import gzip
+    html = b"<html><body>model: backend-model \"model\":\"backend-model\"</body></html>"
+    gz = gzip.compress(b'{"model":"backend-model","choices":[]}' * 50)
+
+    async def go(ch):
+        a = await _exchange(ch, body_of(), content_type="application/json", response_parts=[html])
+        b = await _exchange(ch, body_of(), content_type="application/json", response_parts=[gz[:100], gz[100:]],
+                            resp_extra={"content-encoding": "gzip"})
+        return a, b
+    (_, _, html_out), (_, _, gz_out) = run(epp, go)
+    assert html_out == html
+    assert gz_out == gz
