@@ -96,8 +96,3 @@ def seed_gateway(gateway_factory):
     """The seed scenario with the default flags (64 MiB body cap)."""
     return gateway_factory(name="seed")
 
-
-# Sibling suites do `from conftest import <helper of Tests/Integration/conftest.py>`: keep that working.
-import _root_conftest_exports as _exports  # noqa: E402
-for _k, _v in _exports.helpers().items():
-    globals().setdefault(_k, _v)

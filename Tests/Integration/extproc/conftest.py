@@ -50,8 +50,3 @@ def epp(epp_factory):
     """A picker with the default flags."""
     return epp_factory()
 
-
-# Sibling suites do `from conftest import <helper of Tests/Integration/conftest.py>`: keep that working.
-import _root_conftest_exports_x as _exports  # noqa: E402
-for _k, _v in _exports.helpers().items():
-    globals().setdefault(_k, _v)
