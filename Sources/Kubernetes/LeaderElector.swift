@@ -54,6 +54,8 @@ public final class LeaderElector: Sendable {
     let logger: Logger
     let onChange: @Sendable (Bool) -> Void
     private let leader = NIOLockedValueBox(false)
+    /// Whether we held the lease when `run()` ended (for `release()`).
+    private let held = NIOLockedValueBox(false)
 
     public init(client: KubernetesClient, config: LeaderElectionConfig, logger: Logger,
                 onChange: @escaping @Sendable (Bool) -> Void = { _ in }) {
@@ -116,12 +118,16 @@ public final class LeaderElector: Sendable {
             let ms = Double(config.retryPeriod.components.seconds) * 1000 + Double(config.retryPeriod.components.attoseconds) / 1e15
             do { try await Task.sleep(for: .milliseconds(Int64(ms * Double.random(in: 0.9...1.1)))) } catch { break }
         }
+        held.withLockedValue { $0 = isLeader }
         setLeader(false)
     }
 
-    /// Gives the lease up (holder cleared) if this replica holds it. Best effort.
+    /// Gives the lease up (holder cleared) if this replica held it at the end of `run()`, so another
+    /// replica takes over without waiting for expiry. Best effort, bounded (5 s per request).
+    /// Call it from a task that is not cancelled.
     public func release() async {
-        guard isLeader else { return }
+        guard held.withLockedValue({ $0 }) else { return }
+        held.withLockedValue { $0 = false }
         setLeader(false)
         do {
             let current = try await client.get(Lease.self, path: path + "/\(config.leaseName)")

@@ -140,7 +140,9 @@ public final class PoolWatcher: Sendable {
                 if let elector {
                     group.addTask {
                         await elector.run()
-                        await elector.release()
+                        // Hand the lease over at once on shutdown; run outside this (cancelled) task, bounded.
+                        let release = Task.detached { await elector.release() }
+                        _ = await release.value
                     }
                 }
             }

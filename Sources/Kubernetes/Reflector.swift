@@ -349,6 +349,8 @@ public final class Reflector<T: Decodable & Sendable>: Sendable {
     /// Applies one watch event to the cache. Throws `Outcome.relist` for an ERROR 410.
     private func apply(_ event: WatchEventEnvelope<T>, state: inout State) throws -> Bool {
         let item = event.object
+        logger.trace("watch event", metadata: ["type": "\(event.type)", "name": "\(item.meta?.name ?? "")",
+                                               "resourceVersion": "\(item.meta?.resourceVersion ?? "")"])
         switch event.type {
         case "ADDED", "MODIFIED":
             let key = (item.meta ?? ResourceMeta()).key

@@ -145,7 +145,7 @@ class Collection:
         self.compacted_rv = 0  # watches from rv < compacted_rv get 410
 
 
-class Watcher:
+class TooSlow(Exception):
     pass
 
 
@@ -277,8 +277,9 @@ class State:
         return 200, obj
 
     def compact(self):
+        # New watches from an older version get 410. Live watches keep streaming (kube-apiserver serves
+        # them from its watch cache), so the history stays for them; it is bounded by HISTORY_LIMIT.
         for coll in self.collections.values():
-            coll.history.clear()
             coll.compacted_rv = self.rv
         self.continue_snapshots.clear()
 
@@ -570,9 +571,10 @@ class Handler(BaseHTTPRequestHandler):
                 with st.lock:
                     if st.drop_epoch != epoch:
                         raise ConnectionAbortedError()
-                    if coll.compacted_rv > pos and not any(h[0] == pos + 1 for h in coll.history):
-                        # history we still needed was compacted while we were behind
-                        pass
+                    if coll.history and coll.history[0][0] > pos + 1 and len(coll.history) == coll.history.maxlen:
+                        # this watcher fell further behind than the bounded history: like a too-slow
+                        # watcher in kube-apiserver, it is ended with 410 and must relist
+                        raise TooSlow()
                     for h in coll.history:
                         if h[0] > pos:
                             pending.append(h)
@@ -610,6 +612,9 @@ class Handler(BaseHTTPRequestHandler):
                     next_periodic = now + st.bookmark_interval
                 if now >= deadline:
                     return self.finish_chunked()
+        except TooSlow:
+            self.send_event("ERROR", status_obj(410, "Expired", "watcher fell behind the event history"))
+            self.finish_chunked()
         except ConnectionAbortedError:
             # drop mid-stream: no terminating chunk, just a reset connection
             self.close_connection = True

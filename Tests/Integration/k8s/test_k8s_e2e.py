@@ -1,0 +1,343 @@
+"""End to end: the real `epp` binary in Kubernetes mode (`--kubeconfig`, `--pool-name`) against the test API
+server (fake_apiserver.py, which mimics kube-apiserver semantics), driven with ext_proc Process streams.
+
+Each scenario changes cluster state through the API server and then checks what the next requests do:
+rewrites applied / re-weighted / deleted, pods becoming unready, changing IP, the pool's selector changing,
+watches dropped mid-stream followed by a 410 on resume (cache still exact), status conditions written once
+per generation, bad objects skipped, and an API server that is unreachable when epp starts.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fake_apiserver import FakeAPIServer  # noqa: E402
+
+V1 = "inference.networking.k8s.io"
+ALPHA = "inference.networking.x-k8s.io"
+NS = "default"
+PORT = 18000  # target port of the pool (nothing listens: the endpoints are only routed to, never called)
+
+
+# --- cluster helpers ---------------------------------------------------------------------------------------
+
+class Cluster:
+    def __init__(self, srv: FakeAPIServer):
+        self.srv = srv
+        self.st = srv.state
+
+    def apply(self, group, version, plural, obj):
+        with self.st.lock:
+            name = obj["metadata"]["name"]
+            if (NS, name) in self.st.collection(group, plural).objects:
+                code, out = self.st.replace(group, plural, NS, name, obj, check_rv=False, subresource="raw")
+            else:
+                code, out = self.st.create(group, version, plural, NS, obj)
+        assert code in (200, 201), out
+        return out
+
+    def patch(self, group, plural, name, patch, subresource=None):
+        with self.st.lock:
+            code, out = self.st.patch(group, plural, NS, name, patch, subresource=subresource)
+        assert code == 200, out
+        return out
+
+    def delete(self, group, plural, name):
+        with self.st.lock:
+            code, out = self.st.delete(group, plural, NS, name)
+        assert code == 200, out
+
+    def get(self, group, plural, name):
+        with self.st.lock:
+            return self.st.collection(group, plural).objects.get((NS, name))
+
+    def pod(self, name, ip, ready=True, labels=None):
+        return self.apply("", "v1", "pods", {
+            "metadata": {"name": name, "labels": labels or {"app": "vllm"}},
+            "spec": {"containers": [{"name": "vllm", "image": "vllm"}]},
+            "status": {"phase": "Running", "podIP": ip,
+                       "conditions": [{"type": "Ready", "status": "True" if ready else "False"}]}})
+
+    def pool(self, selector=None, ports=(PORT,)):
+        return self.apply(V1, "v1", "inferencepools", {
+            "metadata": {"name": "pool"},
+            "spec": {"selector": {"matchLabels": selector or {"app": "vllm"}},
+                     "targetPorts": [{"number": p} for p in ports],
+                     "endpointPickerRef": {"name": "epp", "port": {"number": 9002}}}})
+
+    def rewrite(self, name, model, targets):
+        return self.apply(ALPHA, "v1alpha2", "inferencemodelrewrites", {
+            "metadata": {"name": name},
+            "spec": {"poolRef": {"name": "pool"},
+                     "rules": [{"matches": [{"model": {"type": "Exact", "value": model}}],
+                                "targets": [{"modelRewrite": m, "weight": w} for m, w in targets]}]}})
+
+    def status_patches(self, name):
+        with self.st.lock:
+            return self.st.status_patches.get(f"inferencemodelrewrites/{name}", 0)
+
+
+def write_kubeconfig(path: Path, port: int) -> Path:
+    path.write_text(f"""apiVersion: v1
+kind: Config
+current-context: test
+clusters:
+- name: fake
+  cluster: {{server: "http://127.0.0.1:{port}"}}
+contexts:
+- name: test
+  context: {{cluster: fake, user: epp, namespace: {NS}}}
+users:
+- name: epp
+  user: {{token: test-token}}
+""")
+    return path
+
+
+# --- ext_proc client ---------------------------------------------------------------------------------------
+
+def route(channel, model: str, timeout: float = 5.0) -> tuple[str | None, str | None, int | None]:
+    """One Process stream for a POST /v1/completions with {"model": model}. Returns (destination, model sent
+    upstream, immediate-response status)."""
+    body = json.dumps({"model": model, "prompt": "hello", "max_tokens": 1}).encode()
+    headers = base_pb2.HeaderMap(headers=[
+        base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in
+        [(":method", "POST"), (":path", "/v1/completions"), (":authority", "gw"), (":scheme", "http"),
+         ("content-type", "application/json"), ("content-length", str(len(body)))]])
+    first = ep.ProcessingRequest(request_headers=ep.HttpHeaders(headers=headers, end_of_stream=False))
+    # Body modes as the gateway configures them (sent on the first message only).
+    full_duplex = processing_mode_pb2.ProcessingMode.FULL_DUPLEX_STREAMED
+    first.protocol_config.request_body_mode = full_duplex
+    first.protocol_config.response_body_mode = full_duplex
+    msgs = [first, ep.ProcessingRequest(request_body=ep.HttpBody(body=body, end_of_stream=True))]
+    stub = ep_grpc.ExternalProcessorStub(channel)
+    destination = upstream_model = status = None
+    sent_body = b""
+    call = stub.Process(iter(msgs), timeout=timeout)
+    try:
+        for resp in call:
+            kind = resp.WhichOneof("response")
+            if kind == "immediate_response":
+                status = resp.immediate_response.status.code
+                break
+            if kind in ("request_headers", "request_body"):
+                for h in getattr(resp, kind).response.header_mutation.set_headers:
+                    if h.header.key == "x-gateway-destination-endpoint":
+                        destination = (h.header.raw_value or h.header.value.encode()).decode()
+            if kind == "request_body":
+                mut = resp.request_body.response.body_mutation
+                if mut.HasField("streamed_response"):
+                    sent_body += mut.streamed_response.body
+                    if mut.streamed_response.end_of_stream:
+                        break
+                elif mut.body:
+                    sent_body = mut.body
+                    break
+                else:
+                    sent_body = body
+                    break
+    finally:
+        call.cancel()
+    if sent_body:
+        upstream_model = json.loads(sent_body).get("model")
+    return destination, upstream_model, status
+
+
+def readiness(health_channel) -> int:
+    try:
+        return health_pb2_grpc.HealthStub(health_channel).Check(
+            health_pb2.HealthCheckRequest(service="readiness"), timeout=2).status
+    except grpc.RpcError:
+        return -1
+
+
+def wait_until(cond, timeout=10.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = cond()
+        if last:
+            return last
+        time.sleep(0.02)
+    pytest.fail(f"timed out after {timeout}s waiting for {what} (last: {last!r})", pytrace=False)
+
+
+def destinations(channel, model="facebook/opt-125m", n=24) -> set[str]:
+    return {route(channel, model)[0] for _ in range(n)}
+
+
+# --- fixtures ----------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def cluster():
+    srv = FakeAPIServer(token="test-token", installed_groups=[V1, ALPHA]).start()
+    yield Cluster(srv)
+    srv.stop()
+
+
+@pytest.fixture
+def epp_k8s(cluster, epp_factory, tmp_path):
+    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", cluster.srv.port)
+
+    def start(**kw):
+        return epp_factory(["--kubeconfig", str(kubeconfig), "--pool-name", "pool", "--pool-namespace", NS, "--log-level", "debug"], **kw)
+    return start
+
+
+# --- scenarios ---------------------------------------------------------------------------------------------
+
+def test_rewrites_pods_and_pool_changes(cluster, epp_k8s):
+    c = cluster
+    c.pool()
+    c.pod("a", "127.0.0.11")
+    c.pod("b", "127.0.0.12")
+    c.rewrite("opt-stable", "opt-stable", [("facebook/opt-125m", 100)])
+    epp = epp_k8s()
+    ch, health = epp.channel(), epp.channel("health")
+    wait_until(lambda: readiness(health) == health_pb2.HealthCheckResponse.SERVING, what="readiness after sync")
+
+    dest, model, status = route(ch, "opt-stable")
+    assert status is None and model == "facebook/opt-125m"
+    assert dest in {f"127.0.0.11:{PORT}", f"127.0.0.12:{PORT}"}
+
+    # Re-weight: the next requests obey (measure the delay).
+    t0 = time.monotonic()
+    c.rewrite("opt-stable", "opt-stable", [("facebook/opt-125m-canary", 100)])
+    wait_until(lambda: route(ch, "opt-stable")[1] == "facebook/opt-125m-canary", what="new weights")
+    delay = time.monotonic() - t0
+    print(f"rewrite change took effect after {delay * 1000:.0f} ms")
+    assert delay < 2.0
+
+    # Delete → gone (model passes through unchanged).
+    c.delete(ALPHA, "inferencemodelrewrites", "opt-stable")
+    wait_until(lambda: route(ch, "opt-stable")[1] == "opt-stable", what="rewrite deleted")
+
+    # A pod becoming not ready gets no more traffic.
+    c.patch("", "pods", "b", {"status": {"conditions": [{"type": "Ready", "status": "False"}]}}, "status")
+    wait_until(lambda: destinations(ch, n=8) == {f"127.0.0.11:{PORT}"}, what="b unready")
+    assert destinations(ch) == {f"127.0.0.11:{PORT}"}
+
+    # IP change.
+    c.patch("", "pods", "a", {"status": {"podIP": "127.0.0.21"}}, "status")
+    wait_until(lambda: destinations(ch, n=8) == {f"127.0.0.21:{PORT}"}, what="a's new IP")
+
+    # Selector + port change of the pool.
+    c.pod("c", "127.0.0.31", labels={"app": "other"})
+    c.pool(selector={"app": "other"}, ports=(PORT + 1,))
+    wait_until(lambda: destinations(ch, n=8) == {f"127.0.0.31:{PORT + 1}"}, what="new selector")
+
+    # Pool deleted → no endpoints (503); re-created → served again.
+    c.delete(V1, "inferencepools", "pool")
+    wait_until(lambda: route(ch, "facebook/opt-125m")[2] == 503, what="503 after pool deletion")
+    c.pool()
+    wait_until(lambda: destinations(ch, n=8) == {f"127.0.0.21:{PORT}"}, what="pool re-created")
+
+
+def test_dropped_watch_and_410_keep_cache_exact(cluster, epp_k8s):
+    c = cluster
+    c.pool()
+    for i in range(1, 5):
+        c.pod(f"p{i}", f"127.0.0.{40 + i}")
+    epp = epp_k8s()
+    ch, health = epp.channel(), epp.channel("health")
+    wait_until(lambda: readiness(health) == health_pb2.HealthCheckResponse.SERVING, what="ready")
+    wait_until(lambda: len(destinations(ch, n=30)) == 4, what="all four pods")
+
+    # Watches fail for a while, changes happen meanwhile, and the history is compacted: the resume gets
+    # 410 and the relist must drop the deleted pods and pick up the new one.
+    with c.st.lock:
+        c.st.faults.append({"match": "/pods$", "code": 503, "count": 2, "method": None, "watch": True})
+    with c.st.lock:
+        c.st.drop_epoch += 1
+        c.st.lock.notify_all()
+    c.delete("", "pods", "p1")
+    c.delete("", "pods", "p2")
+    c.pod("p5", "127.0.0.45")
+    c.patch("", "pods", "p3", {"status": {"podIP": "127.0.0.53"}}, "status")
+    with c.st.lock:
+        c.st.compact()
+    expected = {f"127.0.0.{ip}:{PORT}" for ip in (53, 44, 45)}
+    wait_until(lambda: destinations(ch, n=30) == expected, timeout=20, what="exact cache after relist")
+    assert destinations(ch, n=40) == expected
+    relists = [ln for ln in epp.logs().splitlines() if "410" in ln and "relisting" in ln and "pods.core/v1" in ln]
+    assert relists, "the pod watch resumed into a 410 and relisted"
+    # Still watching afterwards.
+    c.pod("p6", "127.0.0.46")
+    wait_until(lambda: f"127.0.0.46:{PORT}" in destinations(ch, n=30), what="watch resumed after relist")
+
+
+def test_status_written_once_per_generation_and_bad_objects(cluster, epp_k8s):
+    c = cluster
+    c.pool()
+    c.pod("a", "127.0.0.61")
+    c.rewrite("seed", "opt-stable", [("facebook/opt-125m", 90), ("facebook/opt-125m-canary", 10)])
+    # A rewrite with a wrong type (weight as a string) and one missing fields: logged, skipped.
+    c.apply(ALPHA, "v1alpha2", "inferencemodelrewrites", {
+        "metadata": {"name": "bad-types"},
+        "spec": {"poolRef": {"name": "pool"}, "rules": [{"targets": [{"modelRewrite": "x", "weight": "heavy"}]}]}})
+    c.apply(ALPHA, "v1alpha2", "inferencemodelrewrites", {"metadata": {"name": "no-spec"}})
+    c.rewrite("other", "other-model", [("facebook/opt-125m", 1)])
+    epp = epp_k8s()
+    ch, health = epp.channel(), epp.channel("health")
+    wait_until(lambda: readiness(health) == health_pb2.HealthCheckResponse.SERVING, what="ready")
+    assert route(ch, "other-model")[1] == "facebook/opt-125m", "good rewrites served despite bad ones"
+    assert route(ch, "opt-stable")[1] in ("facebook/opt-125m", "facebook/opt-125m-canary")
+
+    def accepted(name):
+        obj = c.get(ALPHA, "inferencemodelrewrites", name) or {}
+        for cond in (obj.get("status") or {}).get("conditions") or []:
+            if cond.get("type") == "Accepted":
+                return cond
+        return None
+
+    cond = wait_until(lambda: accepted("seed"), what="status written")
+    assert cond["status"] == "True" and cond["reason"] == "Accepted" and cond["observedGeneration"] == 1
+    time.sleep(1.0)
+    assert c.status_patches("seed") == 1, "no write loop"
+    # New generation with mixed weighted / unweighted targets → Accepted=False.
+    c.apply(ALPHA, "v1alpha2", "inferencemodelrewrites", {
+        "metadata": {"name": "seed"},
+        "spec": {"poolRef": {"name": "pool"},
+                 "rules": [{"matches": [{"model": {"value": "opt-stable"}}],
+                            "targets": [{"modelRewrite": "a", "weight": 1}, {"modelRewrite": "b"}]}]}})
+    cond = wait_until(lambda: (accepted("seed") or {}).get("observedGeneration") == 2 and accepted("seed"),
+                      what="generation 2 status")
+    assert cond["status"] == "False" and cond["reason"] == "MixedWeights"
+    time.sleep(1.0)
+    assert c.status_patches("seed") == 2
+    assert c.status_patches("bad-types") == 0 and c.status_patches("no-spec") == 0
+    assert "bad-types" in epp.logs() and "no-spec" in epp.logs(), "skipped objects are logged by name"
+
+
+def test_api_server_unreachable_at_start(cluster, epp_k8s, epp_factory, tmp_path):
+    # Point epp at a port where nothing listens yet; then start a server there.
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    kubeconfig = write_kubeconfig(tmp_path / "late-kubeconfig", port)
+    epp = epp_factory(["--kubeconfig", str(kubeconfig), "--pool-name", "pool", "--pool-namespace", NS])
+    health = epp.channel("health")
+    time.sleep(1.0)
+    assert readiness(health) == health_pb2.HealthCheckResponse.NOT_SERVING
+    late = FakeAPIServer(port=port, token="test-token", installed_groups=[V1, ALPHA]).start()
+    try:
+        lc = Cluster(late)
+        lc.pool()
+        lc.pod("a", "127.0.0.71")
+        wait_until(lambda: readiness(health) == health_pb2.HealthCheckResponse.SERVING, timeout=40,
+                   what="synced after the API server came up")
+        assert route(epp.channel(), "facebook/opt-125m")[0] == f"127.0.0.71:{PORT}"
+    finally:
+        late.stop()
