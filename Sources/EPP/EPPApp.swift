@@ -69,10 +69,10 @@ final class EPPApp: Sendable {
     private static func makeSource(_ options: EPPCommand, group: any EventLoopGroup, health: HealthStatusStore,
                                    logger: Logger) throws -> any RoutingSource {
         if options.endpoints == nil && options.configDir == nil {
-            guard !options.poolName.isEmpty else {
-                throw ValidationFailure("give --pool-name (Kubernetes mode), or --endpoints / --config-dir (standalone mode)")
+            if !options.poolName.isEmpty {
+                return try KubernetesSource(options: options, group: group, health: health, logger: logger)
             }
-            return try KubernetesSource(options: options, group: group, health: health, logger: logger)
+            logger.warning("no --pool-name (Kubernetes mode) and no --endpoints / --config-dir (standalone mode): every request will get 503")
         }
         var endpoints: [Endpoint] = []
         if let list = options.endpoints, !list.isEmpty {
