@@ -36,8 +36,10 @@ public final class GRPCServerStream {
             framed.writeBuffer(&p)
             return sendFramed(framed)
         }
-        // Large payloads go out as they are: the HTTP/2 layer sends slices without copying.
-        guard connection.sendFramed(self, framed, flush: false) else { return false }
+        // Large payloads go out as they are: the HTTP/2 layer sends slices without copying. Both
+        // parts are always queued (a prefix without its payload would corrupt the stream); the
+        // result only tells the caller to pause.
+        _ = connection.sendFramed(self, framed, flush: false)
         return connection.sendFramed(self, payload, flush: true)
     }
 

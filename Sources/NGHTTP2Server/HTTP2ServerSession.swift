@@ -178,10 +178,11 @@ public final class HTTP2ServerSession {
         }
     }
 
-    /// Whether the stream can take more data without exceeding its high-water mark.
+    /// Whether the stream wants more data: false from the moment its queue passed the high-water
+    /// mark until it drained below the low-water mark (`http2StreamWritable` then fires).
     public func isWritable(_ id: HTTP2StreamID) -> Bool {
         guard let stream = outbound[id] else { return false }
-        return stream.queuedBytes <= settings.streamWriteHighWater
+        return !stream.wantsWritable
     }
 
     /// Resets a stream (RST_STREAM).
