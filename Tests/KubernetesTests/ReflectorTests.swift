@@ -55,8 +55,13 @@ final class ReflectorTests: XCTestCase {
         try await server.apply(plural: "pods", pod("b", ip: "10.0.0.2"))
         await eventually("b") { podNames(box) == ["a", "b"] }
         let lists = try await server.requestCount("list")
+        func watchStarts() async -> Int {
+            ((try? await server.stats())?["watchStarts"] as? [Any])?.count ?? 0
+        }
         for round in 0..<3 {
+            let before = await watchStarts()
             try await server.call("drop-watches")
+            await eventually("watch resumed (round \(round))") { await watchStarts() > before }
             try await server.apply(plural: "pods", pod("c\(round)", ip: "10.0.1.\(round)"))
             await eventually("c\(round) after drop") { podNames(box).contains("c\(round)") }
         }

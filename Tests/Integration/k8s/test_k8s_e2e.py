@@ -331,11 +331,12 @@ def test_api_server_unreachable_at_start(cluster, epp_k8s, epp_factory, tmp_path
     health = epp.channel("health")
     time.sleep(1.0)
     assert readiness(health) == health_pb2.HealthCheckResponse.NOT_SERVING
-    late = FakeAPIServer(port=port, token="test-token", installed_groups=[V1, ALPHA]).start()
+    late = FakeAPIServer(port=port, token="test-token", installed_groups=[V1, ALPHA])
+    lc = Cluster(late)
+    lc.pool()  # objects exist before it serves (else the first list may legitimately see no pool yet)
+    lc.pod("a", "127.0.0.71")
+    late.start()
     try:
-        lc = Cluster(late)
-        lc.pool()
-        lc.pod("a", "127.0.0.71")
         wait_until(lambda: readiness(health) == health_pb2.HealthCheckResponse.SERVING, timeout=40,
                    what="synced after the API server came up")
         assert route(epp.channel(), "facebook/opt-125m")[0] == f"127.0.0.71:{PORT}"
