@@ -44,6 +44,8 @@ public struct ReflectorOptions: Sendable {
     public var fieldSelector: String?
     /// `timeoutSeconds` of each watch request (the server ends the watch then; we resume).
     public var watchTimeoutSeconds: Int = 300
+    /// Spread watch timeouts over [t, 2t) as client-go does, so replicas do not reconnect in lockstep.
+    public var jitterWatchTimeout: Bool = true
     /// `limit` of list pages.
     public var pageSize: Int = 500
     /// Try watch-list (`sendInitialEvents=true`) first; fall back to list+watch if the server refuses.
@@ -383,12 +385,14 @@ public final class Reflector<T: Decodable & Sendable>: Sendable {
     /// ends it cleanly.
     private func watch(_ state: inout State) async throws -> Int {
         var query = selectorQuery()
+        let base = max(1, options.watchTimeoutSeconds)
+        let timeoutSeconds = options.jitterWatchTimeout ? Int.random(in: base..<(2 * base)) : base
         query += [("watch", "1"), ("resourceVersion", state.resourceVersion ?? ""), ("allowWatchBookmarks", "true"),
-                  ("timeoutSeconds", String(options.watchTimeoutSeconds))]
+                  ("timeoutSeconds", String(timeoutSeconds))]
         var count = 0
         let request = KubernetesClient.Request(path: collectionPath, query: query)
         do {
-            try await client.watch(T.self, request: request, timeout: .seconds(Int64(options.watchTimeoutSeconds) + 30)) { event in
+            try await client.watch(T.self, request: request, timeout: .seconds(Int64(timeoutSeconds) + 30)) { event in
                 count += 1
                 return try apply(event, state: &state)
             }
