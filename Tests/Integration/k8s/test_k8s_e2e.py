@@ -342,3 +342,74 @@ def test_api_server_unreachable_at_start(cluster, epp_k8s, epp_factory, tmp_path
         assert route(epp.channel(), "facebook/opt-125m")[0] == f"127.0.0.71:{PORT}"
     finally:
         late.stop()
+
+
+def test_tls_kubeconfig_with_ca_and_token(epp_factory, tmp_path):
+    """epp talks HTTPS to the API server, verifying it against the kubeconfig's CA data (IP SAN), with a token."""
+    import base64
+    from fake_apiserver import generate_certs
+    certs = tmp_path / "certs"
+    generate_certs(str(certs))
+    srv = FakeAPIServer(token="tls-token", tls_dir=str(certs), installed_groups=[V1, ALPHA])
+    c = Cluster(srv)
+    c.pool()
+    c.pod("a", "127.0.0.81")
+    srv.start()
+    try:
+        ca = base64.b64encode((certs / "ca.crt").read_bytes()).decode()
+        kubeconfig = tmp_path / "tls-kubeconfig"
+        kubeconfig.write_text(f"""apiVersion: v1
+kind: Config
+current-context: tls
+clusters:
+- name: fake
+  cluster: {{server: "https://127.0.0.1:{srv.port}", certificate-authority-data: {ca}}}
+contexts:
+- name: tls
+  context: {{cluster: fake, user: epp}}
+users:
+- name: epp
+  user: {{token: tls-token}}
+""")
+        epp = epp_factory(["--kubeconfig", str(kubeconfig), "--pool-name", "pool", "--pool-namespace", NS])
+        wait_until(lambda: readiness(epp.channel("health")) == health_pb2.HealthCheckResponse.SERVING, what="synced over TLS")
+        assert route(epp.channel(), "facebook/opt-125m")[0] == f"127.0.0.81:{PORT}"
+
+        # The same server under a CA it was not issued by: never syncs, and says why.
+        other = base64.b64encode((certs / "other-ca.crt").read_bytes()).decode()
+        bad = tmp_path / "bad-kubeconfig"
+        bad.write_text(kubeconfig.read_text().replace(ca, other))
+        epp2 = epp_factory(["--kubeconfig", str(bad), "--pool-name", "pool", "--pool-namespace", NS])
+        time.sleep(1.5)
+        assert readiness(epp2.channel("health")) == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert "list/watch failed" in epp2.logs()
+    finally:
+        srv.stop()
+
+
+def test_two_replicas_only_the_leader_writes_status(cluster, epp_k8s):
+    c = cluster
+    c.pool()
+    c.pod("a", "127.0.0.91")
+    c.rewrite("first", "m1", [("facebook/opt-125m", 1)])
+    e1 = epp_k8s(name="epp-1")
+    e2 = epp_k8s(name="epp-2")
+    for e in (e1, e2):
+        wait_until(lambda e=e: readiness(e.channel("health")) == health_pb2.HealthCheckResponse.SERVING, what="ready")
+        assert route(e.channel(), "m1")[1] == "facebook/opt-125m", "both replicas serve (active-active)"
+    wait_until(lambda: c.status_patches("first") == 1, what="status written")
+    c.rewrite("second", "m2", [("facebook/opt-125m", 1)])
+    wait_until(lambda: c.status_patches("second") == 1, what="second status written")
+    time.sleep(1.0)
+    assert c.status_patches("first") == 1 and c.status_patches("second") == 1, "written once, by one replica"
+    leaders = [e for e in (e1, e2) if "became leader" in e.logs()]
+    assert len(leaders) == 1
+    leader = leaders[0]
+    follower = e2 if leader is e1 else e1
+    # The leader shuts down and releases the lease; the follower takes over well before the 15 s expiry.
+    leader.stop()
+    t0 = time.monotonic()
+    wait_until(lambda: "became leader" in follower.logs(), timeout=8, what="follower takes over")
+    print(f"takeover after {time.monotonic() - t0:.2f} s")
+    c.rewrite("third", "m3", [("facebook/opt-125m", 1)])
+    wait_until(lambda: c.status_patches("third") == 1, what="new leader writes")
