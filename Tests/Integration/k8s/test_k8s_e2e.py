@@ -261,6 +261,9 @@ def test_dropped_watch_and_410_keep_cache_exact(cluster, epp_k8s):
     with c.st.lock:
         c.st.drop_epoch += 1
         c.st.lock.notify_all()
+    # Let the dropped stream end first (its server thread notices within 50 ms), so the changes below are
+    # missed; the pod watch cannot come back before ~1.75 s (two 503s with back-off).
+    time.sleep(0.3)
     c.delete("", "pods", "p1")
     c.delete("", "pods", "p2")
     c.pod("p5", "127.0.0.45")
