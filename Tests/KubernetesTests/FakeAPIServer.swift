@@ -1,4 +1,7 @@
 import Foundation
+#if canImport(Glibc)
+import Glibc
+#endif
 import Logging
 import NIOCore
 import XCTest
@@ -39,15 +42,25 @@ final class FakeAPIServer: @unchecked Sendable {
         process.standardOutput = stdout
         self.tlsDir = tlsDir
         try process.run()
-        // Read "READY <port>" (bounded).
-        let handle = stdout.fileHandleForReading
+        // Read "READY <port>" (bounded). Plain poll/read with EINTR retries: FileHandle.availableData
+        // traps on a read error, and children exiting (SIGCHLD) can interrupt reads.
+        let fd = stdout.fileHandleForReading.fileDescriptor
         let deadline = Date().addingTimeInterval(30)
         var text = ""
+        var buffer = [UInt8](repeating: 0, count: 4096)
         while !text.contains("\n") {
-            if Date() > deadline { process.terminate(); throw XCTSkip("fake API server did not start") }
-            let data = handle.availableData
-            if data.isEmpty { process.terminate(); throw NSError(domain: "FakeAPIServer", code: 1, userInfo: [NSLocalizedDescriptionKey: "fake API server exited"]) }
-            text += String(decoding: data, as: UTF8.self)
+            if Date() > deadline { process.terminate(); throw XCTSkip("fake API server did not start within 30 s") }
+            var pfd = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+            let ready = poll(&pfd, 1, 200)
+            if ready < 0 && errno == EINTR { continue }
+            if ready <= 0 { continue }
+            let n = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+            if n < 0 && errno == EINTR { continue }
+            if n <= 0 {
+                process.terminate()
+                throw NSError(domain: "FakeAPIServer", code: 1, userInfo: [NSLocalizedDescriptionKey: "fake API server exited: \(text)"])
+            }
+            text += String(decoding: buffer[0..<n], as: UTF8.self)
         }
         guard let line = text.split(separator: "\n").first(where: { $0.hasPrefix("READY ") }),
               let port = Int(line.dropFirst(6).trimmingCharacters(in: .whitespaces)) else {
