@@ -131,7 +131,10 @@ public final class KubernetesClient: Sendable {
     public func stream<R: Sendable>(_ request: Request, timeout: TimeAmount,
                                     _ handle: (HTTPResponseHead, inout BodyReader) async throws -> R) async throws -> R {
         let config = self.config
+        // Everything that can fail comes before the connection exists: once the NIOAsyncChannel is made it
+        // must go through executeThenClose (a dropped NIOAsyncChannel traps in NIO).
         let makeTLS = try tlsHandlerFactory(config: config)
+        let headers = try makeHeaders(request)
         let channel: NIOAsyncChannel<HTTPClientResponsePart, HTTPClientRequestPart>
         do {
             channel = try await ClientBootstrap(group: group)
@@ -158,7 +161,6 @@ public final class KubernetesClient: Sendable {
         defer { deadline.cancel() }
         let path = request.path
         let uri = request.uri
-        let headers = try makeHeaders(request)
         let body = request.body
         do {
             return try await withTaskCancellationHandler {

@@ -104,6 +104,22 @@ final class ConfigAndTLSTests: XCTestCase {
         XCTAssertThrowsError(try ClusterConfig.inCluster(environment: [:], serviceAccountDirectory: dir))
     }
 
+    func testUnreadableTokenFileFailsBeforeConnecting() async throws {
+        // Regression: a token read failure after connecting dropped an unused NIOAsyncChannel (NIO traps).
+        let server = try FakeAPIServer()
+        var config = server.config()
+        config.credentials = .tokenFile("/nonexistent/token")
+        let client = KubernetesClient(config: config, logger: testLogger())
+        for _ in 0..<20 {
+            do {
+                _ = try await client.send(.init(path: "/api/v1/namespaces/default/pods"))
+                XCTFail("expected a configuration error")
+            } catch let error as KubernetesError {
+                guard case .configuration = error else { return XCTFail("\(error)") }
+            }
+        }
+    }
+
     func testQueryEncoding() {
         let r = KubernetesClient.Request(path: "/api/v1/pods", query: [("labelSelector", "app=vllm,tier in (a b)"), ("watch", "1")])
         XCTAssertEqual(r.uri, "/api/v1/pods?labelSelector=app%3Dvllm%2Ctier%20in%20%28a%20b%29&watch=1")
