@@ -35,7 +35,9 @@ final class KubernetesSource: RoutingSource {
             let objectives = Objectives(pool.objectives, poolName: poolName, poolNamespace: namespace)
             let endpoints = EndpointSet(endpoints: pool.endpoints, previous: previous.endpoints)
             state.publish(RoutingSnapshot(rules: rules, objectives: objectives, endpoints: endpoints, origin: "kubernetes"))
-            let serving: HealthStatusStore.Status = pool.synced ? .serving : .notServing
+            // As the reference EPP: ready once everything synced and the pool exists (without it
+            // every request would be refused).
+            let serving: HealthStatusStore.Status = pool.synced && pool.pool != nil ? .serving : .notServing
             for service in ["", "readiness", ExtProcService.serviceName] { health.set(service, serving) }
             logger.info("pool state", metadata: [
                 "synced": "\(pool.synced)", "pool-found": "\(pool.pool != nil)", "endpoints": "\(pool.endpoints.count)",
