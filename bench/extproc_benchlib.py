@@ -129,3 +129,31 @@ def machine_note():
     if load1 > 0.5 * ncpu:
         note += " — BUSY: other processes compete for the pinned cores; throughput and latency are understated, CPU µs per request is the robust figure"
     return note
+
+
+def wakeups(pid):
+    """Voluntary context switches of all threads of pid: each is one sleep → wake-up of a thread."""
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/status") as f:
+                for line in f:
+                    if line.startswith("voluntary_ctxt_switches:"):
+                        total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
+def open_loop(port, body, headers, rate, duration=None, warmup=1.0, conns=16, cpu=CLIENT_CPU):
+    """Runs bench/lib/open_loop_http.py pinned to the client CPU; returns its JSON summary (latencies in ms)."""
+    import json
+    args = ["taskset", "-c", str(cpu), sys.executable, str(BENCH / "lib" / "open_loop_http.py"), "--port", str(port),
+            "--body", str(body), "--rate", str(rate), "--duration", str(duration or DURATION), "--warmup", str(warmup),
+            "--conns", str(conns)]
+    for h in headers:
+        args += ["--header", h]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=(duration or DURATION) + warmup + 60)
+    if out.returncode != 0:
+        raise RuntimeError(f"open_loop_http failed: {out.stderr[-2000:]}")
+    return json.loads(out.stdout)
