@@ -10,6 +10,7 @@
 //   InferenceRouting        picking domain: rewrite rules, objectives, endpoints, manifests
 //   ExtProc                 the Process stream state machine tying the above together
 //   Kubernetes              API client, reflectors, status writer, leader election
+//   EPPMetrics              Prometheus metrics of the request path and the /metrics listener
 //   EPP + epp               assembly and the executable
 import PackageDescription
 
@@ -26,6 +27,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.0"),
         .package(url: "https://github.com/apple/swift-atomics.git", from: "1.3.0"),
         .package(url: "https://github.com/jpsim/Yams.git", from: "6.2.0"),
+        .package(url: "https://github.com/swift-server/swift-prometheus.git", from: "2.4.0"),
     ],
     targets: [
         .systemLibrary(name: "CNGHTTP2", pkgConfig: "libnghttp2", providers: [.apt(["libnghttp2-dev"])]),
@@ -74,8 +76,17 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
             .product(name: "Yams", package: "Yams"),
         ]),
+        .target(name: "EPPMetrics", dependencies: [
+            "ExtProc",
+            .product(name: "Prometheus", package: "swift-prometheus"),
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "NIOHTTP1", package: "swift-nio"),
+            .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
         .target(name: "EPP", dependencies: [
-            "GRPCServer", "ExtProc", "InferenceRouting", "Kubernetes", "OpenSSLTLS", "StreamingJSON",
+            "GRPCServer", "ExtProc", "EPPMetrics", "InferenceRouting", "Kubernetes", "OpenSSLTLS", "StreamingJSON",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
@@ -100,6 +111,10 @@ let package = Package(
             "ExtProc", "Protos", "InferenceRouting", "StreamingJSON",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+        ]),
+        .testTarget(name: "EPPMetricsTests", dependencies: [
+            "EPPMetrics", "ExtProc", "InferenceRouting", "StreamingJSON",
+            .product(name: "NIOCore", package: "swift-nio"),
         ]),
         .testTarget(name: "KubernetesTests", dependencies: [
             "Kubernetes", "InferenceRouting",

@@ -1,4 +1,5 @@
 import Dispatch
+import EPPMetrics
 import ExtProc
 import InferenceRouting
 import Foundation
@@ -10,16 +11,18 @@ import NIOPosix
 /// The running process: listeners, health, and the signal-driven drain.
 final class EPPApp: Sendable {
     let servers: [GRPCServer]
+    let metricsServer: MetricsServer?
     let health: HealthStatusStore
     let logger: Logger
     let drainTimeout: Double
     let group: MultiThreadedEventLoopGroup
     let source: any RoutingSource
 
-    private init(servers: [GRPCServer], health: HealthStatusStore, logger: Logger, drainTimeout: Double,
-                 group: MultiThreadedEventLoopGroup, source: any RoutingSource) {
+    private init(servers: [GRPCServer], metricsServer: MetricsServer?, health: HealthStatusStore, logger: Logger,
+                 drainTimeout: Double, group: MultiThreadedEventLoopGroup, source: any RoutingSource) {
         self.source = source
         self.servers = servers
+        self.metricsServer = metricsServer
         self.health = health
         self.logger = logger
         self.drainTimeout = drainTimeout
@@ -41,9 +44,10 @@ final class EPPApp: Sendable {
         extProc.affinity = .init(flag: options.splitAffinityHeader)
         extProc.restoreModelAlias = options.restoreModelAlias
         extProc.maxRequestBodyBytes = options.maxRequestBodyBytes
+        let metrics = InferenceMetrics(poolName: options.poolName, state: source.state)
         var mainServices: [any GRPCService] = [
             HealthService(store: health),
-            ExtProcService(configuration: extProc, state: source.state, logger: logger),
+            ExtProcService(configuration: extProc, state: source.state, logger: logger, observer: metrics),
         ]
         if options.enableTestEchoService { mainServices.append(EchoService()) }
 
@@ -62,8 +66,14 @@ final class EPPApp: Sendable {
                 "tls": "\(tls != nil)",
             ])
         }
+        var metricsServer: MetricsServer?
+        if options.metricsPort > 0 {
+            metricsServer = try await MetricsServer.start(host: options.bindAddress, port: options.metricsPort, group: group,
+                                                          logger: logger, exposition: metrics.exposition)
+        }
         source.start()
-        return EPPApp(servers: servers, health: health, logger: logger, drainTimeout: options.drainTimeout, group: group, source: source)
+        return EPPApp(servers: servers, metricsServer: metricsServer, health: health, logger: logger,
+                      drainTimeout: options.drainTimeout, group: group, source: source)
     }
 
     private static func makeSource(_ options: EPPCommand, group: any EventLoopGroup, health: HealthStatusStore,
@@ -102,6 +112,7 @@ final class EPPApp: Sendable {
         if left > 0 { logger.warning("drain timeout reached; closing remaining connections", metadata: ["connections": "\(left)"]) }
         await source.stop()
         for s in servers { await s.close() }
+        await metricsServer?.close()
         try? await group.shutdownGracefully()
         logger.info("stopped")
     }

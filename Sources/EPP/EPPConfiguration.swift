@@ -9,7 +9,7 @@ public struct EPPCommand: AsyncParsableCommand {
 
     @Option(help: "ext_proc gRPC port (also serves grpc.health.v1).") var grpcPort = 9002
     @Option(help: "Separate gRPC health port.") var grpcHealthPort = 9003
-    @Option(help: "Prometheus metrics port.") var metricsPort = 9090
+    @Option(help: "Prometheus metrics port (GET /metrics over HTTP/1.1); 0 turns the listener off.") var metricsPort = 9090
     @Option(help: "Address every listener binds to.") var bindAddress = "0.0.0.0"
     @Option(help: "Serve TLS (ALPN h2); false serves plaintext h2c.") var secureServing = true
     @Option(help: "Directory with tls.crt and tls.key (reloaded on change); default: a generated self-signed certificate.") var certPath: String?

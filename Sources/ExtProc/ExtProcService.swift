@@ -37,20 +37,25 @@ public struct ExtProcService: GRPCService {
     let configuration: ExtProcConfiguration
     let state: RoutingState
     let logger: Logger
+    let observer: (any ExtProcObserver)?
 
-    public init(configuration: ExtProcConfiguration, state: RoutingState, logger: Logger) {
+    /// `observer` hears how every request ended (metrics); it runs on the request path.
+    public init(configuration: ExtProcConfiguration, state: RoutingState, logger: Logger,
+                observer: (any ExtProcObserver)? = nil) {
         self.configuration = configuration
         self.state = state
         self.logger = logger
+        self.observer = observer
     }
 
     public var methods: [GRPCMethod] {
         let configuration = self.configuration
         let state = self.state
         let logger = self.logger
+        let observer = self.observer
         return [
             GRPCMethod(path: "/\(Self.serviceName)/Process") { _ in
-                ProcessStream(configuration: configuration, state: state, logger: logger)
+                ProcessStream(configuration: configuration, state: state, logger: logger, observer: observer)
             }
         ]
     }

@@ -18,6 +18,7 @@ final class ProcessStream: GRPCStreamHandler {
     private let configuration: ExtProcConfiguration
     private let state: RoutingState
     private let logger: Logger
+    private let observer: (any ExtProcObserver)?
     private var rng = FastRandom()
 
     private var snapshot: RoutingSnapshot?
@@ -51,11 +52,19 @@ final class ProcessStream: GRPCStreamHandler {
     // Response side
     private var rewriter: ResponseModelRewriter?
     private var segments: [OutputSegment] = []
+    private var responseBytes = 0
 
-    init(configuration: ExtProcConfiguration, state: RoutingState, logger: Logger) {
+    // Observation (only when an observer is set)
+    private var startTime: NIODeadline?
+    private var pickDuration: TimeAmount = .zero
+    private var reported = false
+
+    init(configuration: ExtProcConfiguration, state: RoutingState, logger: Logger,
+         observer: (any ExtProcObserver)? = nil) {
         self.configuration = configuration
         self.state = state
         self.logger = logger
+        self.observer = observer
         var scan = RequestBodyScanner.Configuration()
         if case .bodyField(let field) = configuration.affinity { scan.affinityField = field }
         scanner = RequestBodyScanner(configuration: scan)
@@ -86,17 +95,33 @@ final class ProcessStream: GRPCStreamHandler {
         } catch {
             done = true
             release()
+            report(.protocolError)
             stream.finish(GRPCStatus(.invalidArgument, "invalid ProcessingRequest: \(error)"))
         }
     }
 
     func receivedEnd(on stream: GRPCServerStream) {
         release()
+        // A half-close after routing is a normal end for gateways that skip the response phases.
+        report(routed ? .completed : .abandoned)
         stream.finish(.ok)
     }
 
     func cancelled(_ stream: GRPCServerStream) {
         release()
+        report(.abandoned)
+    }
+
+    /// Tells the observer how the request ended (once per stream that had request headers).
+    private func report(_ result: RequestOutcome.Result) {
+        guard let observer, sawRequestHeaders, !reported else { return }
+        reported = true
+        let duration = startTime.map { NIODeadline.now() - $0 } ?? .zero
+        let usage = rewriter.flatMap { $0.usage == TokenUsage() ? nil : $0.usage }
+        observer.requestEnded(RequestOutcome(result: result, model: clientModel, targetModel: targetModel,
+                                             rewriteName: rewriteName, requestBodyBytes: bodyBytes,
+                                             responseBodyBytes: responseBytes, usage: usage, duration: duration,
+                                             pickDuration: pickDuration), wasRouted: routed)
     }
 
     /// Ends in-flight accounting for the chosen endpoint (once).
@@ -110,6 +135,7 @@ final class ProcessStream: GRPCStreamHandler {
     private func onRequestHeaders(_ headers: HeadersView, _ request: ExtProcRequest, _ stream: GRPCServerStream) {
         guard !sawRequestHeaders else { return protocolViolation("second request_headers", stream) }
         sawRequestHeaders = true
+        if observer != nil { startTime = .now() }
         if let requestBodyMode = request.requestBodyMode, let responseBodyMode = request.responseBodyMode {
             requestMode = BodySendMode(rawValue: requestBodyMode) ?? .none
             responseMode = BodySendMode(rawValue: responseBodyMode) ?? .none
@@ -318,8 +344,11 @@ final class ProcessStream: GRPCStreamHandler {
     /// Picks the endpoint and builds the routing mutation; answers 503 itself when there is none.
     private func route(_ stream: GRPCServerStream) -> RouteDecision? {
         guard let snapshot else { return nil }
+        let pickStart: NIODeadline? = observer != nil ? .now() : nil
         decideModel()
-        guard let record = snapshot.endpoints.pick(subset: info.subset, using: &rng) else {
+        let picked = snapshot.endpoints.pick(subset: info.subset, using: &rng)
+        if let pickStart { pickDuration = .now() - pickStart }
+        guard let record = picked else {
             let why = info.subset != nil ? "no endpoint matches the gateway's subset hint" : "no ready endpoints in the pool"
             fail(.noEndpoints(why), stream)
             return nil
@@ -327,6 +356,7 @@ final class ProcessStream: GRPCStreamHandler {
         record.begin()
         endpoint = record
         routed = true
+        observer?.requestRouted(model: clientModel, targetModel: targetModel)
         let address = record.endpoint.address
         var changes = ReplyEncoding.HeaderChanges()
         changes.setHeaders.append((WireNames.destinationHeader, address))
@@ -444,6 +474,7 @@ final class ProcessStream: GRPCStreamHandler {
         if rewriter == nil { rewriter = ResponseModelRewriter(mode: .passthrough, replacement: nil) }
         segments.removeAll(keepingCapacity: true)
         let chunk = body.body
+        responseBytes += chunk.readableBytes
         chunk.withUnsafeReadableBytes { rewriter!.process($0, into: &segments) }
         if body.endOfStream { rewriter!.finish(into: &segments) }
         let out = assemble(chunk)
@@ -505,6 +536,7 @@ final class ProcessStream: GRPCStreamHandler {
         }
         release()
         done = true
+        report(.completed)
         stream.finish(.ok)
     }
 
@@ -521,6 +553,7 @@ final class ProcessStream: GRPCStreamHandler {
             logger.info("request refused", metadata: ["status": "\(error.status)", "reason": "\(error.message)", "path": "\(info.path)"])
         }
         stream.send(Replies.immediate(error, requestID: info.requestID ?? generatedRequestID))
+        report(.refused(status: error.status, reason: error.details))
         stream.finish(.ok)
     }
 
@@ -528,6 +561,7 @@ final class ProcessStream: GRPCStreamHandler {
     private func protocolViolation(_ what: String, _ stream: GRPCServerStream) {
         done = true
         release()
+        report(.protocolError)
         logger.warning("ext_proc protocol violation", metadata: ["what": "\(what)"])
         stream.finish(GRPCStatus(.failedPrecondition, "ext_proc protocol violation: \(what)"))
     }

@@ -6,6 +6,7 @@ import os
 import socket
 import threading
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -49,10 +50,18 @@ def hammer(port, n, threads=16, body_fn=None, path="/v1/completions", timeout=30
     return results
 
 
+def prometheus_samples(epp):
+    """{metric{labels}: value} from the picker's /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{epp.metrics_port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return {k: float(v) for k, v in (line.rsplit(" ", 1) for line in text.splitlines() if line and line[0] != "#")}
+
+
 def test_seed_split_5000_requests(seed_gateway):
     gw = seed_gateway
     gw.reset_backends()
     n = 5000
+    before = prometheus_samples(gw.epp)
     results = hammer(gw.port, n, threads=16)
     assert len(results) == n
     bad = [r for r in results if r[0] != 200]
@@ -77,6 +86,17 @@ def test_seed_split_5000_requests(seed_gateway):
         assert s["requests"] > n * 0.2, stats
     for rec in gw.backend_last():
         assert rec["destination"] == rec["backend"]
+    # The picker's metrics saw the same split; as Envoy drives the streams every request completed
+    # (usage from the backend counted) and none is left running.
+    after = prometheus_samples(gw.epp)
+    for target in TARGETS:
+        labels = f'{{model_name="opt-stable",target_model_name="{target}"}}'
+        for metric, want in (("inference_objective_request_total", by_header[target]),
+                             ("inference_objective_request_duration_seconds_count", by_header[target]),
+                             ("inference_objective_input_tokens_count", by_header[target])):
+            got = after.get(metric + labels, 0) - before.get(metric + labels, 0)
+            assert got == want, (metric, target, got, want)
+    assert after['inference_objective_running_requests{model_name="opt-stable"}'] == 0
     print(f"\nseed split over {n}: {dict(by_header)} canary={canary_pct:.2f}%")
 
 

@@ -1,0 +1,171 @@
+import ExtProc
+import NIOConcurrencyHelpers
+import NIOCore
+import Prometheus
+
+/// The picker's Prometheus metrics, named as the reference EPP names them so existing dashboards
+/// and alerts keep working.
+///
+/// Request-path cost: each request looks its label set up once in a small locked dictionary (no
+/// registry lookup, no allocation after the first request of a model/target pair) and bumps atomic
+/// counters or lock-protected histogram buckets. Everything else happens when Prometheus scrapes.
+public final class InferenceMetrics: ExtProcObserver, Sendable {
+    public let registry: PrometheusCollectorRegistry
+    private let poolName: String
+    private let state: RoutingState
+    private let series = NIOLockedValueBox<[SeriesKey: Series]>([:])
+    private let running = NIOLockedValueBox<[String: Gauge]>([:])
+    private let readyPods: Gauge
+
+    public init(poolName: String, state: RoutingState, registry: PrometheusCollectorRegistry = .init()) {
+        self.registry = registry
+        self.poolName = poolName
+        self.state = state
+        readyPods = registry.makeGauge(descriptor: metric("inference_pool_ready_pods",
+            "The number of ready pods in the inference server pool."), labels: [("name", poolName)])
+    }
+
+    // MARK: ExtProcObserver
+
+    public func requestRouted(model: String?, targetModel: String?) {
+        runningGauge(model ?? "").increment()
+    }
+
+    public func requestEnded(_ outcome: RequestOutcome, wasRouted: Bool) {
+        if wasRouted { runningGauge(outcome.model ?? "").decrement() }
+        let key = SeriesKey(model: outcome.model ?? "", target: outcome.targetModel ?? "", rewrite: outcome.rewriteName)
+        let s = series.withLockedValue { table in
+            if let s = table[key] { return s }
+            let s = Series(key, registry: registry)
+            table[key] = s
+            return s
+        }
+        s.requests.increment()
+        s.rewriteDecisions?.increment()
+        s.requestSizes.record(Double(outcome.requestBodyBytes))
+        if wasRouted { s.pickDuration.record(.nanoseconds(outcome.pickDuration.nanoseconds)) }
+        switch outcome.result {
+        case .completed:
+            s.duration.record(.nanoseconds(outcome.duration.nanoseconds))
+            s.responseSizes.record(Double(outcome.responseBodyBytes))
+            if let usage = outcome.usage {
+                if let n = usage.promptTokens { s.inputTokens.record(Double(n)) }
+                if let n = usage.completionTokens { s.outputTokens.record(Double(n)) }
+                if let n = usage.cachedTokens { s.cachedTokens.record(Double(n)) }
+            }
+        case .refused(let status, _):
+            errorCounter(key, code: Self.errorCode(status: status)).increment()
+        case .protocolError:
+            errorCounter(key, code: "ProtocolError").increment()
+        case .abandoned:
+            break  // the client or the gateway gave up: not the picker's error
+        }
+    }
+
+    // MARK: Scrape
+
+    /// The exposition text (format 0.0.4). Values derived from the routing snapshot are read now.
+    public func exposition() -> [UInt8] {
+        readyPods.set(Int64(state.snapshot.endpoints.count))
+        var out: [UInt8] = []
+        out.reserveCapacity(16 << 10)
+        registry.emit(into: &out)
+        return out
+    }
+
+    /// `error_code` label values as the reference uses them.
+    static func errorCode(status: Int) -> String {
+        switch status {
+        case 400: return "BadRequest"
+        case 413: return "RequestTooLarge"
+        case 429: return "InferencePoolResourceExhausted"
+        case 503: return "ServiceUnavailable"
+        default: return status >= 500 ? "Internal" : "BadRequest"
+        }
+    }
+
+    private func runningGauge(_ model: String) -> Gauge {
+        running.withLockedValue { table in
+            if let g = table[model] { return g }
+            let g = registry.makeGauge(descriptor: metric("inference_objective_running_requests",
+                "Inference objective number of running requests in each model."), labels: [("model_name", model)])
+            table[model] = g
+            return g
+        }
+    }
+
+    /// Errors are rare: the registry's own lookup is fine here.
+    private func errorCounter(_ key: SeriesKey, code: String) -> Counter {
+        registry.makeCounter(descriptor: metric("inference_objective_request_error_total",
+            "Counter of inference objective requests errors broken out for each model and target model."), labels: [("model_name", key.model), ("target_model_name", key.target), ("error_code", code)])
+    }
+}
+
+private struct SeriesKey: Hashable, Sendable {
+    var model: String
+    var target: String
+    var rewrite: String?
+}
+
+/// The metrics of one (model, target model) pair, resolved once.
+private struct Series: Sendable {
+    let requests: Counter
+    let rewriteDecisions: Counter?
+    let duration: DurationHistogram
+    let pickDuration: DurationHistogram
+    let requestSizes: ValueHistogram
+    let responseSizes: ValueHistogram
+    let inputTokens: ValueHistogram
+    let outputTokens: ValueHistogram
+    let cachedTokens: ValueHistogram
+
+    init(_ key: SeriesKey, registry r: PrometheusCollectorRegistry) {
+        let labels = [("model_name", key.model), ("target_model_name", key.target)]
+        requests = r.makeCounter(descriptor: metric("inference_objective_request_total",
+            "Counter of inference objective requests broken out for each model and target model."), labels: labels)
+        rewriteDecisions = key.rewrite.map {
+            r.makeCounter(descriptor: metric("inference_extension_model_rewrite_decisions_total",
+                "Counter of InferenceModelRewrite decisions: which rule sent a model to which target."),
+                labels: [("model_rewrite_name", $0), ("model_name", key.model), ("target_model", key.target)])
+        }
+        duration = r.makeDurationHistogram(descriptor: metric("inference_objective_request_duration_seconds",
+            "Inference objective response latency distribution in seconds for each model and target model."),
+            labels: labels, buckets: Buckets.requestDuration)
+        pickDuration = r.makeDurationHistogram(descriptor: metric("inference_extension_scheduler_e2e_duration_seconds",
+            "End-to-end scheduling latency distribution in seconds."), labels: labels, buckets: Buckets.pickDuration)
+        requestSizes = r.makeValueHistogram(descriptor: metric("inference_objective_request_sizes",
+            "Inference objective requests size distribution in bytes for each model and target model."),
+            labels: labels, buckets: Buckets.sizes)
+        responseSizes = r.makeValueHistogram(descriptor: metric("inference_objective_response_sizes",
+            "Inference objective responses size distribution in bytes for each model and target model."),
+            labels: labels, buckets: Buckets.sizes)
+        inputTokens = r.makeValueHistogram(descriptor: metric("inference_objective_input_tokens",
+            "Inference objective input token count distribution for requests in each model."),
+            labels: labels, buckets: Buckets.tokens)
+        outputTokens = r.makeValueHistogram(descriptor: metric("inference_objective_output_tokens",
+            "Inference objective output token count distribution for requests in each model."),
+            labels: labels, buckets: Buckets.tokens)
+        cachedTokens = r.makeValueHistogram(descriptor: metric("inference_objective_prompt_cached_tokens",
+            "Inference objective prompt cached token count distribution for requests in each model."),
+            labels: labels, buckets: Buckets.tokens)
+    }
+}
+
+/// A metric name as given (no namespace or unit suffix added) with its help text.
+func metric(_ name: String, _ help: String) -> MetricNameDescriptor {
+    MetricNameDescriptor(metricName: name, unitName: "", helpText: help)
+}
+
+enum Buckets {
+    static let requestDuration: [Duration] = [
+        0.005, 0.025, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1, 1.25, 1.5, 2, 3, 4, 5, 6, 8, 10, 15, 20, 30, 45, 60, 120, 180,
+        240, 300, 360, 480, 600, 900, 1200, 1800, 2700, 3600,
+    ].map { Duration.nanoseconds(Int64($0 * 1e9)) }
+    static let pickDuration: [Duration] = [
+        0.000_01, 0.000_05, 0.000_1, 0.000_2, 0.000_5, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1,
+    ].map { Duration.nanoseconds(Int64($0 * 1e9)) }
+    /// Bytes: 64 B … 1 GiB in powers of two.
+    static let sizes: [Double] = (6...30).map { Double(1 << $0) }
+    /// Tokens: 1, then 8 … 1Mi in powers of two.
+    static let tokens: [Double] = [1] + (3...20).map { Double(1 << $0) }
+}

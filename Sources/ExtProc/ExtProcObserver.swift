@@ -1,0 +1,56 @@
+import NIOCore
+import StreamingJSON
+
+/// What one `Process` stream (one HTTP request through the gateway) came to, reported once when the
+/// stream ends. A value built from fields the stream keeps anyway, so reporting costs one call.
+public struct RequestOutcome: Sendable {
+    public enum Result: Sendable, Equatable {
+        /// The response went through to its end.
+        case completed
+        /// The picker answered itself (ImmediateResponse) with this HTTP status.
+        case refused(status: Int, reason: String)
+        /// The gateway reset or closed the stream before the response ended (client gone, timeout).
+        case abandoned
+        /// The gateway broke the ext_proc protocol or sent an undecodable message.
+        case protocolError
+    }
+
+    public var result: Result
+    /// The model the client asked for (`nil` when the body had none or was not JSON).
+    public var model: String?
+    /// The model the request was sent to (after InferenceModelRewrite).
+    public var targetModel: String?
+    /// The InferenceModelRewrite resource that decided the target, if one matched.
+    public var rewriteName: String?
+    public var requestBodyBytes: Int
+    public var responseBodyBytes: Int
+    /// From the response's `usage` object, when the backend sent one.
+    public var usage: TokenUsage?
+    /// From the request headers to the end of the stream.
+    public var duration: TimeAmount
+    /// Time spent choosing the target model and the endpoint (0 when the request was never routed).
+    public var pickDuration: TimeAmount
+
+    public init(result: Result, model: String?, targetModel: String?, rewriteName: String?, requestBodyBytes: Int,
+                responseBodyBytes: Int, usage: TokenUsage?, duration: TimeAmount, pickDuration: TimeAmount) {
+        self.result = result
+        self.model = model
+        self.targetModel = targetModel
+        self.rewriteName = rewriteName
+        self.requestBodyBytes = requestBodyBytes
+        self.responseBodyBytes = responseBodyBytes
+        self.usage = usage
+        self.duration = duration
+        self.pickDuration = pickDuration
+    }
+}
+
+/// Receives request outcomes (e.g. to export metrics). Called on the connection's event loop, on
+/// the request path: implementations must not block and should do O(1) work.
+public protocol ExtProcObserver: Sendable {
+    /// A request was routed to an endpoint (it is now running until `requestEnded`).
+    func requestRouted(model: String?, targetModel: String?)
+    /// The stream ended; `outcome.result` says how. Called exactly once per stream that had request
+    /// headers, after `requestRouted` when the request was routed.
+    func requestEnded(_ outcome: RequestOutcome, wasRouted: Bool)
+}

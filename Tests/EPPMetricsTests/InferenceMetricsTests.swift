@@ -1,0 +1,86 @@
+import EPPMetrics
+import ExtProc
+import InferenceRouting
+import NIOCore
+import StreamingJSON
+import XCTest
+
+final class InferenceMetricsTests: XCTestCase {
+    private func makeMetrics(endpoints: Int = 3) -> InferenceMetrics {
+        let list = (0..<endpoints).map { Endpoint(host: "10.0.0.\($0 + 1)", port: 8000) }
+        let snapshot = RoutingSnapshot(rules: RewriteRules(), objectives: Objectives(),
+                                       endpoints: EndpointSet(endpoints: list), origin: "test")
+        return InferenceMetrics(poolName: "vllm-pool", state: RoutingState(snapshot))
+    }
+
+    private func outcome(_ result: RequestOutcome.Result, model: String? = "opt-stable",
+                         target: String? = "facebook/opt-125m", rewrite: String? = "opt-stable",
+                         usage: TokenUsage? = nil) -> RequestOutcome {
+        RequestOutcome(result: result, model: model, targetModel: target, rewriteName: rewrite, requestBodyBytes: 1000,
+                       responseBodyBytes: 300, usage: usage, duration: .milliseconds(120), pickDuration: .microseconds(3))
+    }
+
+    /// Sample lines of the exposition (name{labels} value), without comments.
+    private func samples(_ m: InferenceMetrics) -> [String: String] {
+        var out: [String: String] = [:]
+        for line in String(decoding: m.exposition(), as: UTF8.self).split(separator: "\n") where !line.hasPrefix("#") {
+            guard let space = line.lastIndex(of: " ") else { continue }
+            out[String(line[..<space])] = String(line[line.index(after: space)...])
+        }
+        return out
+    }
+
+    func testCompletedRequestsCountTokensSizesAndDuration() {
+        let m = makeMetrics()
+        for _ in 0..<3 {
+            m.requestRouted(model: "opt-stable", targetModel: "facebook/opt-125m")
+            m.requestEnded(outcome(.completed, usage: TokenUsage(promptTokens: 250, completionTokens: 7, cachedTokens: 16)),
+                           wasRouted: true)
+        }
+        let s = samples(m)
+        let labels = #"model_name="opt-stable",target_model_name="facebook/opt-125m""#
+        XCTAssertEqual(s["inference_objective_request_total{\(labels)}"], "3")
+        XCTAssertEqual(s[#"inference_extension_model_rewrite_decisions_total{model_rewrite_name="opt-stable",model_name="opt-stable",target_model="facebook/opt-125m"}"#], "3")
+        XCTAssertEqual(s["inference_objective_input_tokens_sum{\(labels)}"], "750.0")
+        XCTAssertEqual(s["inference_objective_output_tokens_sum{\(labels)}"], "21.0")
+        XCTAssertEqual(s["inference_objective_prompt_cached_tokens_count{\(labels)}"], "3")
+        XCTAssertEqual(s["inference_objective_request_sizes_sum{\(labels)}"], "3000.0")
+        XCTAssertEqual(s["inference_objective_response_sizes_sum{\(labels)}"], "900.0")
+        XCTAssertEqual(s["inference_objective_request_duration_seconds_count{\(labels)}"], "3")
+        XCTAssertEqual(s["inference_objective_request_duration_seconds_bucket{\(labels),le=\"0.1\"}"], "0")
+        XCTAssertEqual(s["inference_objective_request_duration_seconds_bucket{\(labels),le=\"0.2\"}"], "3")
+        XCTAssertEqual(s["inference_extension_scheduler_e2e_duration_seconds_count{\(labels)}"], "3")
+        XCTAssertEqual(s[#"inference_objective_running_requests{model_name="opt-stable"}"#], "0.0")
+        XCTAssertEqual(s[#"inference_pool_ready_pods{name="vllm-pool"}"#], "3.0")
+    }
+
+    func testRunningRequestsFollowRoutedAndEnded() {
+        let m = makeMetrics()
+        m.requestRouted(model: "a", targetModel: "a")
+        m.requestRouted(model: "a", targetModel: "a")
+        XCTAssertEqual(samples(m)[#"inference_objective_running_requests{model_name="a"}"#], "2.0")
+        m.requestEnded(outcome(.abandoned, model: "a", target: "a", rewrite: nil), wasRouted: true)
+        XCTAssertEqual(samples(m)[#"inference_objective_running_requests{model_name="a"}"#], "1.0")
+    }
+
+    func testRefusalsAndProtocolErrorsAreErrorsWithCodesAbandonedIsNot() {
+        let m = makeMetrics(endpoints: 0)
+        m.requestEnded(outcome(.refused(status: 400, reason: "epp_invalid_json"), model: nil, target: nil, rewrite: nil),
+                       wasRouted: false)
+        m.requestEnded(outcome(.refused(status: 503, reason: "epp_no_endpoints"), rewrite: nil), wasRouted: false)
+        m.requestEnded(outcome(.refused(status: 413, reason: "epp_request_body_too_large"), rewrite: nil), wasRouted: false)
+        m.requestEnded(outcome(.protocolError, rewrite: nil), wasRouted: false)
+        m.requestEnded(outcome(.abandoned, rewrite: nil), wasRouted: false)
+        let s = samples(m)
+        XCTAssertEqual(s[#"inference_objective_request_error_total{model_name="",target_model_name="",error_code="BadRequest"}"#], "1")
+        let labels = #"model_name="opt-stable",target_model_name="facebook/opt-125m""#
+        XCTAssertEqual(s["inference_objective_request_error_total{\(labels),error_code=\"ServiceUnavailable\"}"], "1")
+        XCTAssertEqual(s["inference_objective_request_error_total{\(labels),error_code=\"RequestTooLarge\"}"], "1")
+        XCTAssertEqual(s["inference_objective_request_error_total{\(labels),error_code=\"ProtocolError\"}"], "1")
+        XCTAssertEqual(s["inference_objective_request_total{\(labels)}"], "4")
+        // Refused requests have no response: no duration, no response size.
+        XCTAssertEqual(s["inference_objective_request_duration_seconds_count{\(labels)}"], "0")
+        XCTAssertEqual(s[#"inference_pool_ready_pods{name="vllm-pool"}"#], "0.0")
+        XCTAssertEqual(s.keys.filter { $0.hasPrefix("inference_extension_model_rewrite_decisions_total") }, [])
+    }
+}
