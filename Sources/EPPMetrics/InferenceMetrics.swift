@@ -16,11 +16,17 @@ public final class InferenceMetrics: ExtProcObserver, Sendable {
     private let series = NIOLockedValueBox<[SeriesKey: Series]>([:])
     private let running = NIOLockedValueBox<[String: Gauge]>([:])
     private let readyPods: Gauge
+    /// Model names come from clients: past this many label sets, new ones are counted under
+    /// `model_name="other"` so that a client sending random names cannot grow memory without bound.
+    public let maxSeries: Int
+    static let overflowLabel = "other"
 
-    public init(poolName: String, state: RoutingState, registry: PrometheusCollectorRegistry = .init()) {
+    public init(poolName: String, state: RoutingState, registry: PrometheusCollectorRegistry = .init(),
+                maxSeries: Int = 500) {
         self.registry = registry
         self.poolName = poolName
         self.state = state
+        self.maxSeries = maxSeries
         readyPods = registry.makeGauge(descriptor: metric("inference_pool_ready_pods",
             "The number of ready pods in the inference server pool."), labels: [("name", poolName)])
     }
@@ -33,9 +39,13 @@ public final class InferenceMetrics: ExtProcObserver, Sendable {
 
     public func requestEnded(_ outcome: RequestOutcome, wasRouted: Bool) {
         if wasRouted { runningGauge(outcome.model ?? "").decrement() }
-        let key = SeriesKey(model: outcome.model ?? "", target: outcome.targetModel ?? "", rewrite: outcome.rewriteName)
+        var key = SeriesKey(model: outcome.model ?? "", target: outcome.targetModel ?? "", rewrite: outcome.rewriteName)
         let s = series.withLockedValue { table in
             if let s = table[key] { return s }
+            if table.count >= maxSeries {
+                key = SeriesKey(model: Self.overflowLabel, target: Self.overflowLabel, rewrite: nil)
+                if let s = table[key] { return s }
+            }
             let s = Series(key, registry: registry)
             table[key] = s
             return s
@@ -86,6 +96,8 @@ public final class InferenceMetrics: ExtProcObserver, Sendable {
 
     private func runningGauge(_ model: String) -> Gauge {
         running.withLockedValue { table in
+            if let g = table[model] { return g }
+            let model = table.count >= maxSeries ? Self.overflowLabel : model
             if let g = table[model] { return g }
             let g = registry.makeGauge(descriptor: metric("inference_objective_running_requests",
                 "Inference objective number of running requests in each model."), labels: [("model_name", model)])

@@ -6,11 +6,11 @@ import StreamingJSON
 import XCTest
 
 final class InferenceMetricsTests: XCTestCase {
-    private func makeMetrics(endpoints: Int = 3) -> InferenceMetrics {
+    private func makeMetrics(endpoints: Int = 3, maxSeries: Int = 500) -> InferenceMetrics {
         let list = (0..<endpoints).map { Endpoint(host: "10.0.0.\($0 + 1)", port: 8000) }
         let snapshot = RoutingSnapshot(rules: RewriteRules(), objectives: Objectives(),
                                        endpoints: EndpointSet(endpoints: list), origin: "test")
-        return InferenceMetrics(poolName: "vllm-pool", state: RoutingState(snapshot))
+        return InferenceMetrics(poolName: "vllm-pool", state: RoutingState(snapshot), maxSeries: maxSeries)
     }
 
     private func outcome(_ result: RequestOutcome.Result, model: String? = "opt-stable",
@@ -82,5 +82,20 @@ final class InferenceMetricsTests: XCTestCase {
         XCTAssertEqual(s["inference_objective_request_duration_seconds_count{\(labels)}"], "0")
         XCTAssertEqual(s[#"inference_pool_ready_pods{name="vllm-pool"}"#], "0.0")
         XCTAssertEqual(s.keys.filter { $0.hasPrefix("inference_extension_model_rewrite_decisions_total") }, [])
+    }
+
+    func testClientChosenModelNamesCannotGrowSeriesWithoutBound() {
+        let m = makeMetrics(maxSeries: 10)
+        for i in 0..<1000 {
+            let name = "random-\(i)"
+            m.requestRouted(model: name, targetModel: name)
+            m.requestEnded(outcome(.completed, model: name, target: name, rewrite: nil), wasRouted: true)
+        }
+        let s = samples(m)
+        let totals = s.filter { $0.key.hasPrefix("inference_objective_request_total{") }
+        XCTAssertEqual(totals.count, 11)  // 10 named + "other"
+        XCTAssertEqual(s[#"inference_objective_request_total{model_name="other",target_model_name="other"}"#], "990")
+        XCTAssertEqual(s[#"inference_objective_running_requests{model_name="other"}"#], "0.0")
+        XCTAssertEqual(s.keys.filter { $0.hasPrefix("inference_objective_running_requests{") }.count, 11)
     }
 }
