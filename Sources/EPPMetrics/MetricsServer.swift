@@ -64,7 +64,7 @@ private final class MetricsHandler: ChannelInboundHandler {
         let path = head.uri.split(separator: "?", maxSplits: 1).first.map(String.init) ?? head.uri
         let status: HTTPResponseStatus
         var contentType = "text/plain; charset=utf-8"
-        var body: ByteBuffer
+        let body: ByteBuffer
         if path == "/metrics" && (head.method == .GET || head.method == .HEAD) {
             status = .ok
             contentType = "text/plain; version=0.0.4; charset=utf-8"
@@ -84,14 +84,9 @@ private final class MetricsHandler: ChannelInboundHandler {
         if !keepAlive { responseHead.headers.add(name: "connection", value: "close") }
         context.write(wrapOutboundOut(.head(responseHead)), promise: nil)
         if head.method != .HEAD { context.write(wrapOutboundOut(.body(.byteBuffer(body))), promise: nil) }
-        let done = context.writeAndFlushPromise()
-        context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: done)
-        if !keepAlive {
-            done.futureResult.whenComplete { [context] _ in context.close(promise: nil) }
-        }
+        let written: EventLoopPromise<Void>? = keepAlive ? nil : context.eventLoop.makePromise()
+        context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: written)
+        let channel = context.channel
+        written?.futureResult.whenComplete { _ in channel.close(promise: nil) }
     }
-}
-
-private extension ChannelHandlerContext {
-    func writeAndFlushPromise() -> EventLoopPromise<Void> { eventLoop.makePromise() }
 }

@@ -118,7 +118,9 @@ final class ProcessStream: GRPCStreamHandler {
         reported = true
         let duration = startTime.map { NIODeadline.now() - $0 } ?? .zero
         let usage = rewriter.flatMap { $0.usage == TokenUsage() ? nil : $0.usage }
-        observer.requestEnded(RequestOutcome(result: result, model: clientModel, targetModel: targetModel,
+        // A body refused before routing may still have named its model.
+        let model = clientModel ?? (routed ? nil : scanner.modelValue)
+        observer.requestEnded(RequestOutcome(result: result, model: model, targetModel: targetModel,
                                              rewriteName: rewriteName, requestBodyBytes: bodyBytes,
                                              responseBodyBytes: responseBytes, usage: usage, duration: duration,
                                              pickDuration: pickDuration), wasRouted: routed)
