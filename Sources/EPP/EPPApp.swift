@@ -44,7 +44,8 @@ final class EPPApp: Sendable {
         extProc.affinity = .init(flag: options.splitAffinityHeader)
         extProc.restoreModelAlias = options.restoreModelAlias
         extProc.maxRequestBodyBytes = options.maxRequestBodyBytes
-        let metrics = InferenceMetrics(poolName: options.poolName, state: source.state)
+        // No metrics listener → nothing recorded on the request path either.
+        let metrics = options.metricsPort > 0 ? InferenceMetrics(poolName: options.poolName, state: source.state) : nil
         var mainServices: [any GRPCService] = [
             HealthService(store: health),
             ExtProcService(configuration: extProc, state: source.state, logger: logger, observer: metrics),
@@ -67,7 +68,7 @@ final class EPPApp: Sendable {
             ])
         }
         var metricsServer: MetricsServer?
-        if options.metricsPort > 0 {
+        if let metrics {
             metricsServer = try await MetricsServer.start(host: options.bindAddress, port: options.metricsPort, group: group,
                                                           logger: logger, exposition: metrics.exposition)
         }

@@ -14,7 +14,6 @@ public final class InferenceMetrics: ExtProcObserver, Sendable {
     private let poolName: String
     private let state: RoutingState
     private let series = NIOLockedValueBox<[SeriesKey: Series]>([:])
-    private let running = NIOLockedValueBox<[String: Gauge]>([:])
     private let readyPods: Gauge
     /// Model names come from clients: past this many label sets, new ones are counted under
     /// `model_name="other"` so that a client sending random names cannot grow memory without bound.
@@ -33,30 +32,23 @@ public final class InferenceMetrics: ExtProcObserver, Sendable {
 
     // MARK: ExtProcObserver
 
-    public func requestRouted(model: String?, targetModel: String?) {
-        runningGauge(model ?? "").increment()
+    public func requestRouted(model: String?, targetModel: String?, rewriteName: String?) -> AnyObject? {
+        let s = series(SeriesKey(model: model ?? "", target: targetModel ?? "", rewrite: rewriteName))
+        s.running.increment()
+        return s
     }
 
-    public func requestEnded(_ outcome: RequestOutcome, wasRouted: Bool) {
-        if wasRouted { runningGauge(outcome.model ?? "").decrement() }
-        var key = SeriesKey(model: outcome.model ?? "", target: outcome.targetModel ?? "", rewrite: outcome.rewriteName)
-        let s = series.withLockedValue { table in
-            if let s = table[key] { return s }
-            if table.count >= maxSeries {
-                key = SeriesKey(model: Self.overflowLabel, target: Self.overflowLabel, rewrite: nil)
-                if let s = table[key] { return s }
-            }
-            let s = Series(key, registry: registry)
-            table[key] = s
-            return s
-        }
+    public func requestEnded(_ outcome: RequestOutcome, wasRouted: Bool, routed: AnyObject?) {
+        let s = (routed as? Series)
+            ?? series(SeriesKey(model: outcome.model ?? "", target: outcome.targetModel ?? "", rewrite: outcome.rewriteName))
+        if wasRouted { s.running.decrement() }
         s.requests.increment()
         s.rewriteDecisions?.increment()
         s.requestSizes.record(Double(outcome.requestBodyBytes))
-        if wasRouted { s.pickDuration.record(.nanoseconds(outcome.pickDuration.nanoseconds)) }
+        if wasRouted { s.pickDuration.record(outcome.pickDuration.seconds) }
         switch outcome.result {
         case .completed:
-            s.duration.record(.nanoseconds(outcome.duration.nanoseconds))
+            s.duration.record(outcome.duration.seconds)
             s.responseSizes.record(Double(outcome.responseBodyBytes))
             if let usage = outcome.usage {
                 if let n = usage.promptTokens { s.inputTokens.record(Double(n)) }
@@ -64,11 +56,26 @@ public final class InferenceMetrics: ExtProcObserver, Sendable {
                 if let n = usage.cachedTokens { s.cachedTokens.record(Double(n)) }
             }
         case .refused(let status, _):
-            errorCounter(key, code: Self.errorCode(status: status)).increment()
+            errorCounter(s.key, code: Self.errorCode(status: status)).increment()
         case .protocolError:
-            errorCounter(key, code: "ProtocolError").increment()
+            errorCounter(s.key, code: "ProtocolError").increment()
         case .abandoned:
             break  // the client or the gateway gave up: not the picker's error
+        }
+    }
+
+    /// The series of a label set, made on first use; past `maxSeries`, the overflow series.
+    private func series(_ key: SeriesKey) -> Series {
+        series.withLockedValue { table in
+            if let s = table[key] { return s }
+            var key = key
+            if table.count >= maxSeries {
+                key = SeriesKey(model: Self.overflowLabel, target: Self.overflowLabel, rewrite: nil)
+                if let s = table[key] { return s }
+            }
+            let s = Series(key, running: runningGauge(key.model), registry: registry)
+            table[key] = s
+            return s
         }
     }
 
@@ -94,16 +101,10 @@ public final class InferenceMetrics: ExtProcObserver, Sendable {
         }
     }
 
+    /// One gauge per model, shared by its series; called when a series is made.
     private func runningGauge(_ model: String) -> Gauge {
-        running.withLockedValue { table in
-            if let g = table[model] { return g }
-            let model = table.count >= maxSeries ? Self.overflowLabel : model
-            if let g = table[model] { return g }
-            let g = registry.makeGauge(descriptor: metric("inference_objective_running_requests",
-                "Inference objective number of running requests in each model."), labels: [("model_name", model)])
-            table[model] = g
-            return g
-        }
+        registry.makeGauge(descriptor: metric("inference_objective_running_requests",
+            "Inference objective number of running requests in each model."), labels: [("model_name", model)])
     }
 
     /// Errors are rare: the registry's own lookup is fine here.
@@ -119,19 +120,23 @@ private struct SeriesKey: Hashable, Sendable {
     var rewrite: String?
 }
 
-/// The metrics of one (model, target model) pair, resolved once.
-private struct Series: Sendable {
+/// The metrics of one (model, target model, rewrite) label set, resolved once.
+private final class Series: Sendable {
+    let key: SeriesKey
+    let running: Gauge
     let requests: Counter
     let rewriteDecisions: Counter?
-    let duration: DurationHistogram
-    let pickDuration: DurationHistogram
+    let duration: ValueHistogram
+    let pickDuration: ValueHistogram
     let requestSizes: ValueHistogram
     let responseSizes: ValueHistogram
     let inputTokens: ValueHistogram
     let outputTokens: ValueHistogram
     let cachedTokens: ValueHistogram
 
-    init(_ key: SeriesKey, registry r: PrometheusCollectorRegistry) {
+    init(_ key: SeriesKey, running: Gauge, registry r: PrometheusCollectorRegistry) {
+        self.key = key
+        self.running = running
         let labels = [("model_name", key.model), ("target_model_name", key.target)]
         requests = r.makeCounter(descriptor: metric("inference_objective_request_total",
             "Counter of inference objective requests broken out for each model and target model."), labels: labels)
@@ -140,10 +145,11 @@ private struct Series: Sendable {
                 "Counter of InferenceModelRewrite decisions: which rule sent a model to which target."),
                 labels: [("model_rewrite_name", $0), ("model_name", key.model), ("target_model", key.target)])
         }
-        duration = r.makeDurationHistogram(descriptor: metric("inference_objective_request_duration_seconds",
+        // Durations as Double seconds: the same exposition as a DurationHistogram, cheaper to record.
+        duration = r.makeValueHistogram(descriptor: metric("inference_objective_request_duration_seconds",
             "Inference objective response latency distribution in seconds for each model and target model."),
             labels: labels, buckets: Buckets.requestDuration)
-        pickDuration = r.makeDurationHistogram(descriptor: metric("inference_extension_scheduler_e2e_duration_seconds",
+        pickDuration = r.makeValueHistogram(descriptor: metric("inference_extension_scheduler_e2e_duration_seconds",
             "End-to-end scheduling latency distribution in seconds."), labels: labels, buckets: Buckets.pickDuration)
         requestSizes = r.makeValueHistogram(descriptor: metric("inference_objective_request_sizes",
             "Inference objective requests size distribution in bytes for each model and target model."),
@@ -169,15 +175,17 @@ func metric(_ name: String, _ help: String) -> MetricNameDescriptor {
 }
 
 enum Buckets {
-    static let requestDuration: [Duration] = [
+    static let requestDuration: [Double] = [
         0.005, 0.025, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1, 1.25, 1.5, 2, 3, 4, 5, 6, 8, 10, 15, 20, 30, 45, 60, 120, 180,
         240, 300, 360, 480, 600, 900, 1200, 1800, 2700, 3600,
-    ].map { Duration.nanoseconds(Int64($0 * 1e9)) }
-    static let pickDuration: [Duration] = [
-        0.000_01, 0.000_05, 0.000_1, 0.000_2, 0.000_5, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1,
-    ].map { Duration.nanoseconds(Int64($0 * 1e9)) }
+    ]
+    static let pickDuration: [Double] = [0.000_01, 0.000_05, 0.000_1, 0.000_2, 0.000_5, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1]
     /// Bytes: 64 B … 1 GiB in powers of two.
     static let sizes: [Double] = (6...30).map { Double(1 << $0) }
     /// Tokens: 1, then 8 … 1Mi in powers of two.
     static let tokens: [Double] = [1] + (3...20).map { Double(1 << $0) }
+}
+
+private extension TimeAmount {
+    var seconds: Double { Double(nanoseconds) / 1e9 }
 }

@@ -48,9 +48,11 @@ public struct RequestOutcome: Sendable {
 /// Receives request outcomes (e.g. to export metrics). Called on the connection's event loop, on
 /// the request path: implementations must not block and should do O(1) work.
 public protocol ExtProcObserver: Sendable {
-    /// A request was routed to an endpoint (it is now running until `requestEnded`).
-    func requestRouted(model: String?, targetModel: String?)
+    /// A request was routed to an endpoint (it is now running until `requestEnded`). What this
+    /// returns (e.g. the metric series it looked up) is handed back to `requestEnded`, so a request
+    /// costs one lookup however many things are recorded.
+    func requestRouted(model: String?, targetModel: String?, rewriteName: String?) -> AnyObject?
     /// The stream ended; `outcome.result` says how. Called exactly once per stream that had request
-    /// headers, after `requestRouted` when the request was routed.
-    func requestEnded(_ outcome: RequestOutcome, wasRouted: Bool)
+    /// headers; `routed` is what `requestRouted` returned (nil when the request was never routed).
+    func requestEnded(_ outcome: RequestOutcome, wasRouted: Bool, routed: AnyObject?)
 }

@@ -58,6 +58,7 @@ final class ProcessStream: GRPCStreamHandler {
     private var startTime: NIODeadline?
     private var pickDuration: TimeAmount = .zero
     private var reported = false
+    private var observerToken: AnyObject?
 
     init(configuration: ExtProcConfiguration, state: RoutingState, logger: Logger,
          observer: (any ExtProcObserver)? = nil) {
@@ -123,7 +124,8 @@ final class ProcessStream: GRPCStreamHandler {
         observer.requestEnded(RequestOutcome(result: result, model: model, targetModel: targetModel,
                                              rewriteName: rewriteName, requestBodyBytes: bodyBytes,
                                              responseBodyBytes: responseBytes, usage: usage, duration: duration,
-                                             pickDuration: pickDuration), wasRouted: routed)
+                                             pickDuration: pickDuration), wasRouted: routed, routed: observerToken)
+        observerToken = nil
     }
 
     /// Ends in-flight accounting for the chosen endpoint (once).
@@ -358,7 +360,7 @@ final class ProcessStream: GRPCStreamHandler {
         record.begin()
         endpoint = record
         routed = true
-        observer?.requestRouted(model: clientModel, targetModel: targetModel)
+        observerToken = observer?.requestRouted(model: clientModel, targetModel: targetModel, rewriteName: rewriteName)
         let address = record.endpoint.address
         var changes = ReplyEncoding.HeaderChanges()
         changes.setHeaders.append((WireNames.destinationHeader, address))

@@ -33,9 +33,9 @@ final class InferenceMetricsTests: XCTestCase {
     func testCompletedRequestsCountTokensSizesAndDuration() {
         let m = makeMetrics()
         for _ in 0..<3 {
-            m.requestRouted(model: "opt-stable", targetModel: "facebook/opt-125m")
+            let token = m.requestRouted(model: "opt-stable", targetModel: "facebook/opt-125m", rewriteName: "opt-stable")
             m.requestEnded(outcome(.completed, usage: TokenUsage(promptTokens: 250, completionTokens: 7, cachedTokens: 16)),
-                           wasRouted: true)
+                           wasRouted: true, routed: token)
         }
         let s = samples(m)
         let labels = #"model_name="opt-stable",target_model_name="facebook/opt-125m""#
@@ -56,21 +56,24 @@ final class InferenceMetricsTests: XCTestCase {
 
     func testRunningRequestsFollowRoutedAndEnded() {
         let m = makeMetrics()
-        m.requestRouted(model: "a", targetModel: "a")
-        m.requestRouted(model: "a", targetModel: "a")
+        let first = m.requestRouted(model: "a", targetModel: "a", rewriteName: nil)
+        _ = m.requestRouted(model: "a", targetModel: "a", rewriteName: nil)
         XCTAssertEqual(samples(m)[#"inference_objective_running_requests{model_name="a"}"#], "2.0")
-        m.requestEnded(outcome(.abandoned, model: "a", target: "a", rewrite: nil), wasRouted: true)
+        m.requestEnded(outcome(.abandoned, model: "a", target: "a", rewrite: nil), wasRouted: true, routed: first)
         XCTAssertEqual(samples(m)[#"inference_objective_running_requests{model_name="a"}"#], "1.0")
+        // Without the token (an observer may return none) the series is found by its labels.
+        m.requestEnded(outcome(.abandoned, model: "a", target: "a", rewrite: nil), wasRouted: true, routed: nil)
+        XCTAssertEqual(samples(m)[#"inference_objective_running_requests{model_name="a"}"#], "0.0")
     }
 
     func testRefusalsAndProtocolErrorsAreErrorsWithCodesAbandonedIsNot() {
         let m = makeMetrics(endpoints: 0)
         m.requestEnded(outcome(.refused(status: 400, reason: "epp_invalid_json"), model: nil, target: nil, rewrite: nil),
-                       wasRouted: false)
-        m.requestEnded(outcome(.refused(status: 503, reason: "epp_no_endpoints"), rewrite: nil), wasRouted: false)
-        m.requestEnded(outcome(.refused(status: 413, reason: "epp_request_body_too_large"), rewrite: nil), wasRouted: false)
-        m.requestEnded(outcome(.protocolError, rewrite: nil), wasRouted: false)
-        m.requestEnded(outcome(.abandoned, rewrite: nil), wasRouted: false)
+                       wasRouted: false, routed: nil)
+        m.requestEnded(outcome(.refused(status: 503, reason: "epp_no_endpoints"), rewrite: nil), wasRouted: false, routed: nil)
+        m.requestEnded(outcome(.refused(status: 413, reason: "epp_request_body_too_large"), rewrite: nil), wasRouted: false, routed: nil)
+        m.requestEnded(outcome(.protocolError, rewrite: nil), wasRouted: false, routed: nil)
+        m.requestEnded(outcome(.abandoned, rewrite: nil), wasRouted: false, routed: nil)
         let s = samples(m)
         XCTAssertEqual(s[#"inference_objective_request_error_total{model_name="",target_model_name="",error_code="BadRequest"}"#], "1")
         let labels = #"model_name="opt-stable",target_model_name="facebook/opt-125m""#
@@ -88,8 +91,8 @@ final class InferenceMetricsTests: XCTestCase {
         let m = makeMetrics(maxSeries: 10)
         for i in 0..<1000 {
             let name = "random-\(i)"
-            m.requestRouted(model: name, targetModel: name)
-            m.requestEnded(outcome(.completed, model: name, target: name, rewrite: nil), wasRouted: true)
+            let token = m.requestRouted(model: name, targetModel: name, rewriteName: nil)
+            m.requestEnded(outcome(.completed, model: name, target: name, rewrite: nil), wasRouted: true, routed: token)
         }
         let s = samples(m)
         let totals = s.filter { $0.key.hasPrefix("inference_objective_request_total{") }
