@@ -324,16 +324,20 @@ def test_status_written_once_per_generation_and_bad_objects(cluster, epp_k8s):
 
 
 def test_api_server_unreachable_at_start(cluster, epp_k8s, epp_factory, tmp_path):
-    # Point epp at a port where nothing listens yet; then start a server there.
+    # Point epp at a port where nothing listens yet; then start a server there. The port stays bound
+    # (not listening: connections are refused) until then, so that no listener of epp's gets it.
     import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    reserved = socket.socket()
+    reserved.bind(("127.0.0.1", 0))
+    port = reserved.getsockname()[1]
     kubeconfig = write_kubeconfig(tmp_path / "late-kubeconfig", port)
-    epp = epp_factory(["--kubeconfig", str(kubeconfig), "--pool-name", "pool", "--pool-namespace", NS])
-    health = epp.channel("health")
-    time.sleep(1.0)
-    assert readiness(health) == health_pb2.HealthCheckResponse.NOT_SERVING
+    try:
+        epp = epp_factory(["--kubeconfig", str(kubeconfig), "--pool-name", "pool", "--pool-namespace", NS])
+        health = epp.channel("health")
+        time.sleep(1.0)
+        assert readiness(health) == health_pb2.HealthCheckResponse.NOT_SERVING
+    finally:
+        reserved.close()
     late = FakeAPIServer(port=port, token="test-token", installed_groups=[V1, ALPHA])
     lc = Cluster(late)
     lc.pool()  # objects exist before it serves (else the first list may legitimately see no pool yet)
