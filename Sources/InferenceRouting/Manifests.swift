@@ -217,10 +217,14 @@ public enum ManifestLoader {
     }
 }
 
-/// Polls a manifest directory and reports merged snapshots on change.
+/// Watches a manifest directory and reports merged snapshots on change.
 ///
-/// Polling (names + mtime in ns + size + inode) is simple and robust for ConfigMap symlink
-/// swaps and editors' atomic renames. Runs on its own thread, never on an event loop.
+/// A change is detected by comparing the directory's signature (names + mtime in ns + size +
+/// inode, through symlinks), which is robust for ConfigMap symlink swaps and editors' atomic
+/// renames. On Linux, inotify wakes the watcher as soon as anything in the directory changes, so
+/// an edit applies within milliseconds and an idle EPP does not wake up to poll; the signature is
+/// also re-checked every `interval` (file systems without inotify, a directory replaced whole).
+/// Runs on its own thread, never on an event loop.
 public final class ConfigDirectoryWatcher: Sendable {
     public let directory: String
     public let interval: Duration
@@ -230,7 +234,9 @@ public final class ConfigDirectoryWatcher: Sendable {
 
     /// - Parameter onChange: called on the watcher thread with the first snapshot at start and
     ///   after every detected change.
-    public init(directory: String, interval: Duration = .milliseconds(250),
+    /// - Parameter interval: how often the signature is re-checked without a change notification
+    ///   (the only detection where inotify is unavailable).
+    public init(directory: String, interval: Duration = .seconds(2),
                 onChange: @escaping @Sendable (ManifestSnapshot) -> Void) {
         self.directory = directory
         self.interval = interval
@@ -251,7 +257,12 @@ public final class ConfigDirectoryWatcher: Sendable {
     }
 
     /// Stops polling (within one interval).
-    public func stop() { stopped.store(true, ordering: .releasing) }
+    public func stop() {
+        stopped.store(true, ordering: .releasing)
+        wakeup.signal()
+    }
+
+    private let wakeup = DirectoryWakeup()
 
     /// Previous per-file results and the directory signature they were loaded from.
     private final class PollState: @unchecked Sendable {
@@ -275,14 +286,21 @@ public final class ConfigDirectoryWatcher: Sendable {
 
     private func run() {
         let (secs, attos) = interval.components
-        let micros = max(1_000, Int(secs) * 1_000_000 + Int(attos / 1_000_000_000_000))
+        let intervalMillis = max(1, Int(secs) * 1_000 + Int(attos / 1_000_000_000_000_000))
+        wakeup.watch(directory)
         while !stopped.load(ordering: .acquiring) {
             if let snap = poll(force: false) { onChange(snap) }
-            var slept = 0
-            while slept < micros && !stopped.load(ordering: .relaxed) {
-                let step = min(50_000, micros - slept)
-                usleep(useconds_t(step))
-                slept += step
+            switch wakeup.wait(timeoutMillis: intervalMillis) {
+            case .stopped:
+                return
+            case .changed:
+                // Editors and kubelet change a directory in several steps: let them finish
+                // (a half-written file would only be reported and replaced on the next event).
+                // Bounded, so a file rewritten without pause is still re-read every half second.
+                var quietChecks = 0
+                while quietChecks < 25, wakeup.wait(timeoutMillis: 20) == .changed { quietChecks += 1 }
+            case .timedOut:
+                wakeup.watch(directory)  // re-arm: the directory may have been replaced whole
             }
         }
     }
@@ -308,5 +326,70 @@ public final class ConfigDirectoryWatcher: Sendable {
             out.append(FileSignature(name: name, mtimeNanos: mt, size: Int64(st.st_size), inode: UInt64(st.st_ino)))
         }
         return out
+    }
+}
+
+/// What the watcher thread blocks on: inotify events for the directory (Linux) and a stop pipe,
+/// with a timeout. Without inotify only the timeout and the stop pipe remain.
+final class DirectoryWakeup: @unchecked Sendable {
+    enum Reason: Equatable { case changed, timedOut, stopped }
+
+    // Set once in init, read-only after: safe to share between the watcher thread and stop().
+    private let stopRead: Int32
+    private let stopWrite: Int32
+    private let notifyFD: Int32
+
+    init() {
+        var fds: [Int32] = [-1, -1]
+        if pipe(&fds) == 0 {
+            for fd in fds { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
+            _ = fcntl(fds[1], F_SETFL, fcntl(fds[1], F_GETFL) | O_NONBLOCK)
+        }
+        stopRead = fds[0]
+        stopWrite = fds[1]
+        #if os(Linux)
+        notifyFD = inotify_init1(Int32(IN_NONBLOCK | IN_CLOEXEC))
+        #else
+        notifyFD = -1
+        #endif
+    }
+
+    /// Adds (or refreshes) the watch on `directory`; harmless if it is already watched or missing.
+    func watch(_ directory: String) {
+        #if os(Linux)
+        guard notifyFD >= 0 else { return }
+        let mask = IN_CREATE | IN_DELETE | IN_MODIFY | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO
+            | IN_ATTRIB | IN_DELETE_SELF | IN_MOVE_SELF
+        _ = inotify_add_watch(notifyFD, directory, UInt32(mask))
+        #endif
+    }
+
+    func signal() {
+        guard stopWrite >= 0 else { return }
+        var byte: UInt8 = 1
+        _ = write(stopWrite, &byte, 1)
+    }
+
+    func wait(timeoutMillis: Int) -> Reason {
+        var fds = [pollfd(fd: stopRead, events: Int16(POLLIN), revents: 0),
+                   pollfd(fd: notifyFD, events: Int16(POLLIN), revents: 0)]
+        let n = poll(&fds, nfds_t(fds.count), Int32(clamping: timeoutMillis))
+        if n <= 0 { return .timedOut }  // EINTR counts as a timeout: the caller re-checks anyway
+        if fds[0].revents != 0 { return .stopped }
+        guard fds[1].revents != 0 else { return .timedOut }
+        drainNotifications()
+        return .changed
+    }
+
+    /// The events themselves do not matter (the signature says what changed): read them away.
+    private func drainNotifications() {
+        var buffer = [UInt8](repeating: 0, count: 4096)
+        while read(notifyFD, &buffer, buffer.count) > 0 {}
+    }
+
+    // Closed only here: stop() may still be signalling after the thread has returned, and a
+    // closed descriptor number can be reused by anything else in the process.
+    deinit {
+        for fd in [stopRead, stopWrite, notifyFD] where fd >= 0 { _ = close(fd) }
     }
 }

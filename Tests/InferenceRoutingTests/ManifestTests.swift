@@ -144,6 +144,37 @@ final class ManifestTests: XCTestCase {
         XCTAssertEqual(received.last?.rewrites.first?.spec.rules?.first?.targets?.first?.modelRewrite, "llama-v3")
     }
 
+    #if os(Linux)
+    /// With a re-check interval of an hour, only the change notification (inotify) can deliver
+    /// these edits within the wait: an in-place write, then a ConfigMap-style `..data` symlink swap.
+    func testWatcherIsWokenByChangesNotByPolling() throws {
+        let fm = FileManager.default
+        try fm.createDirectory(atPath: dir + "/..v1", withIntermediateDirectories: false)
+        try multiDoc.write(toFile: dir + "/..v1/r.yaml", atomically: false, encoding: .utf8)
+        try fm.createSymbolicLink(atPath: dir + "/..data", withDestinationPath: "..v1")
+        try fm.createSymbolicLink(atPath: dir + "/r.yaml", withDestinationPath: "..data/r.yaml")
+        let received = Box()
+        let watcher = ConfigDirectoryWatcher(directory: dir, interval: .seconds(3600)) { snap in received.append(snap) }
+        XCTAssertEqual(watcher.loadNow().rewrites.first?.spec.rules?.first?.targets?.first?.modelRewrite, "llama-v1")
+        watcher.start()
+        defer { watcher.stop() }
+        usleep(100_000)  // the thread has armed its watch
+        // A new file written in place (not atomically).
+        try multiDoc.replacingOccurrences(of: "name: split", with: "name: other")
+            .write(toFile: dir + "/s.yaml", atomically: false, encoding: .utf8)
+        XCTAssertTrue(received.wait(timeout: 3) { $0.last?.rewrites.count == 2 })
+        // kubelet's update: new data directory, `..data` replaced by renaming a fresh symlink.
+        try fm.createDirectory(atPath: dir + "/..v2", withIntermediateDirectories: false)
+        try multiDoc.replacingOccurrences(of: "llama-v1", with: "llama-v9")
+            .write(toFile: dir + "/..v2/r.yaml", atomically: false, encoding: .utf8)
+        try fm.createSymbolicLink(atPath: dir + "/..data_tmp", withDestinationPath: "..v2")
+        XCTAssertEqual(rename(dir + "/..data_tmp", dir + "/..data"), 0)
+        XCTAssertTrue(received.wait(timeout: 3) {
+            $0.last?.rewrites.contains { $0.spec.rules?.first?.targets?.first?.modelRewrite == "llama-v9" } ?? false
+        })
+    }
+    #endif
+
     func testLoadNowThenWatchReportsOnlyChanges() {
         write("r.yaml", multiDoc)
         let received = Box()
