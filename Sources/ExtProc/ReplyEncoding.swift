@@ -45,50 +45,38 @@ enum ReplyEncoding {
             total += field(metadataSizes.outer)
         }
 
-        var b = ProtobufAllocator.allocator.buffer(capacity: 5 + total)
-        b.writeInteger(UInt8(0))
-        b.writeInteger(UInt32(total))
-        func key(_ field: Int) { b.writeInteger(UInt8(field << 3 | 2)) }
-        func bytes(_ field: Int, _ s: String) {
-            key(field)
-            writeVarint(&b, s.utf8.count)
-            b.writeString(s)
-        }
-        func open(_ field: Int, _ size: Int) {
-            key(field)
-            writeVarint(&b, size)
-        }
-        open(request ? 1 : 2, headers)       // ProcessingResponse.request_headers / response_headers
-        open(1, common)                      // HeadersResponse.response
+        var w = ProtoWriter(frameOf: total)
+        w.open(request ? 1 : 2, headers)       // ProcessingResponse.request_headers / response_headers
+        w.open(1, common)                      // HeadersResponse.response
         if !changes.isEmpty {
-            open(2, mutation)                // CommonResponse.header_mutation
+            w.open(2, mutation)                // CommonResponse.header_mutation
             for (i, (k, v)) in changes.setHeaders.enumerated() {
-                open(1, optionSizes[i].1)    // HeaderMutation.set_headers
-                open(1, optionSizes[i].0)    // HeaderValueOption.header
-                bytes(1, k)                  // HeaderValue.key
-                bytes(3, v)                  // HeaderValue.raw_value
-                b.writeInteger(UInt8(0x18))  // HeaderValueOption.append_action
-                b.writeInteger(UInt8(2))     // OVERWRITE_IF_EXISTS_OR_ADD
+                w.open(1, optionSizes[i].1)    // HeaderMutation.set_headers
+                w.open(1, optionSizes[i].0)    // HeaderValueOption.header
+                w.string(1, k)                 // HeaderValue.key
+                w.string(3, v)                 // HeaderValue.raw_value
+                w.byte(0x18)                   // HeaderValueOption.append_action
+                w.byte(2)                      // OVERWRITE_IF_EXISTS_OR_ADD
             }
-            for name in changes.removeHeaders { bytes(2, name) }  // HeaderMutation.remove_headers
+            for name in changes.removeHeaders { w.string(2, name) }  // HeaderMutation.remove_headers
         }
         if clearRouteCache {
-            b.writeInteger(UInt8(0x28))      // CommonResponse.clear_route_cache
-            b.writeInteger(UInt8(1))
+            w.byte(0x28)                       // CommonResponse.clear_route_cache
+            w.byte(1)
         }
         if let destination {
-            open(8, metadataSizes.outer)     // ProcessingResponse.dynamic_metadata (Struct)
-            open(1, metadataSizes.outerEntry)  // Struct.fields entry
-            bytes(1, WireNames.destinationMetadataNamespace)
-            open(2, metadataSizes.outerValue)  // Value
-            open(5, metadataSizes.inner)     // Value.struct_value
-            open(1, metadataSizes.entry)     // Struct.fields entry
-            bytes(1, WireNames.destinationHeader)
-            open(2, metadataSizes.value)     // Value
-            bytes(3, destination)            // Value.string_value
+            w.open(8, metadataSizes.outer)     // ProcessingResponse.dynamic_metadata (Struct)
+            w.open(1, metadataSizes.outerEntry)  // Struct.fields entry
+            w.string(1, WireNames.destinationMetadataNamespace)
+            w.open(2, metadataSizes.outerValue)  // Value
+            w.open(5, metadataSizes.inner)     // Value.struct_value
+            w.open(1, metadataSizes.entry)     // Struct.fields entry
+            w.string(1, WireNames.destinationHeader)
+            w.open(2, metadataSizes.value)     // Value
+            w.string(3, destination)           // Value.string_value
         }
-        assert(b.readableBytes == 5 + total)
-        return b
+        assert(w.bytes.count == 5 + total)
+        return ProtobufAllocator.allocator.buffer(bytes: w.bytes)
     }
 
     /// A FULL_DUPLEX_STREAMED body piece: ProcessingResponse{request_body|response_body{response{
@@ -101,26 +89,20 @@ enum ReplyEncoding {
         let common = 1 + varintSize(mutation) + mutation
         let bodyResponse = 1 + varintSize(common) + common
         let total = 1 + varintSize(bodyResponse) + bodyResponse
+        var w = ProtoWriter(frameOf: total - count - (endOfStream ? 2 : 0), announcing: total)
+        w.open(request ? 3 : 4, bodyResponse)  // ProcessingResponse.request_body / response_body
+        w.open(1, common)                      // BodyResponse.response
+        w.open(3, mutation)                    // CommonResponse.body_mutation
+        w.open(3, streamed)                    // BodyMutation.streamed_response
+        if count > 0 { w.open(1, count) }      // StreamedBodyResponse.body
         var b = ProtobufAllocator.allocator.buffer(capacity: 5 + total)
-        b.writeInteger(UInt8(0))
-        b.writeInteger(UInt32(total))
-        b.writeInteger(UInt8(request ? 0x1A : 0x22))  // field 3 / 4, length-delimited
-        writeVarint(&b, bodyResponse)
-        b.writeInteger(UInt8(0x0A))  // BodyResponse.response
-        writeVarint(&b, common)
-        b.writeInteger(UInt8(0x1A))  // CommonResponse.body_mutation
-        writeVarint(&b, mutation)
-        b.writeInteger(UInt8(0x1A))  // BodyMutation.streamed_response
-        writeVarint(&b, streamed)
+        b.writeBytes(w.bytes)
         if count > 0 {
             var body = body
-            b.writeInteger(UInt8(0x0A))  // StreamedBodyResponse.body
-            writeVarint(&b, count)
             b.writeBuffer(&body)
         }
         if endOfStream {
-            b.writeInteger(UInt8(0x10))  // StreamedBodyResponse.end_of_stream
-            b.writeInteger(UInt8(1))
+            b.writeInteger(UInt16(0x1001))     // StreamedBodyResponse.end_of_stream = true
         }
         return b
     }
@@ -130,14 +112,46 @@ enum ReplyEncoding {
         while v >= 0x80 { v >>= 7; n += 1 }
         return n
     }
+}
 
-    static func writeVarint(_ b: inout ByteBuffer, _ v: Int) {
+/// Builds the small protobuf parts of a reply in an array and hands them to a ByteBuffer in one
+/// write: a byte append here is a store and a capacity check, where `ByteBuffer.writeInteger`
+/// pays a uniqueness check and a memmove per byte (once 8% of a request's CPU).
+struct ProtoWriter {
+    var bytes: [UInt8] = []
+
+    /// Starts with the gRPC frame header (uncompressed, `announcing` bytes of message, which
+    /// default to `reserve`); reserves room for `reserve` bytes after it.
+    init(frameOf reserve: Int, announcing: Int? = nil) {
+        bytes.reserveCapacity(5 + reserve)
+        let length = UInt32(announcing ?? reserve)
+        bytes.append(0)
+        bytes.append(UInt8(truncatingIfNeeded: length >> 24))
+        bytes.append(UInt8(truncatingIfNeeded: length >> 16))
+        bytes.append(UInt8(truncatingIfNeeded: length >> 8))
+        bytes.append(UInt8(truncatingIfNeeded: length))
+    }
+
+    @inline(__always) mutating func byte(_ b: UInt8) { bytes.append(b) }
+
+    mutating func varint(_ v: Int) {
         var v = UInt64(v)
         while v >= 0x80 {
-            b.writeInteger(UInt8(v & 0x7F | 0x80))
+            bytes.append(UInt8(truncatingIfNeeded: v) & 0x7F | 0x80)
             v >>= 7
         }
-        b.writeInteger(UInt8(v))
+        bytes.append(UInt8(v))
+    }
+
+    /// Key and length of a length-delimited field whose contents follow.
+    mutating func open(_ field: Int, _ size: Int) {
+        bytes.append(UInt8(field << 3 | 2))
+        varint(size)
+    }
+
+    mutating func string(_ field: Int, _ s: String) {
+        open(field, s.utf8.count)
+        bytes.append(contentsOf: s.utf8)
     }
 }
 
