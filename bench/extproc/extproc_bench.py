@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Bench (a): ext_proc Process streams driven directly over h2c at full speed.
 
-One cycle = one Process stream carrying request headers + a 1 KB body with end_of_stream + response
+One cycle = one Process stream carrying request headers (as Envoy forwards them) + a 1 KB body with end_of_stream + response
 headers + response body (end_of_stream), pre-encoded as gRPC frames in one h2load -d file; the picker
 answers all four and ends the stream with grpc-status 0 when h2load half-closes. The picker (release)
 is pinned to CPU 0, h2load to CPU 1. Reports cycles/s and picker CPU µs per cycle (utime+stime from
@@ -30,7 +30,12 @@ def cycle_payload():
     response = json.dumps({"id": "cmpl-1", "object": "text_completion", "model": "facebook/opt-125m",
                            "choices": [{"index": 0, "text": " hello", "finish_reason": "length"}],
                            "usage": {"prompt_tokens": 250, "completion_tokens": 1, "total_tokens": 251}}).encode()
-    msgs = [req_headers("/v1/completions"), req_body(body, eos=True), resp_headers(), resp_body(response, eos=True)]
+    # The request headers a gateway Envoy forwards for an HTTP/1.1 client: Envoy adds x-request-id and
+    # x-forwarded-proto to what curl sends.
+    forwarded = {"content-length": str(len(body)), "user-agent": "curl/7.88.1", "accept": "*/*",
+                 "x-forwarded-proto": "http", "x-request-id": "9b0d3c52-6a4e-4f7e-8d21-4c3f5e6a7b80"}
+    msgs = [req_headers("/v1/completions", headers=forwarded), req_body(body, eos=True), resp_headers(),
+            resp_body(response, eos=True)]
     return b"".join(bl.grpc_frame(m) for m in msgs)
 
 
