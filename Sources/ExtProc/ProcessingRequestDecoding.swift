@@ -76,24 +76,28 @@ struct HeadersView {
     /// The pointers are valid only during the call.
     func forEach(_ body: (UnsafeRawBufferPointer, UnsafeRawBufferPointer) throws -> Void) throws {
         guard let headerMap else { return }
-        var map = ProtoReader(headerMap)
-        while let (f, w) = try map.nextKey() {
-            guard f == 1, w == 2 else {
-                try map.skip(w)
-                continue
-            }
-            var entry = ProtoReader(try map.lengthDelimited())
-            var key = ByteBuffer(), value = ByteBuffer(), raw = ByteBuffer()
-            while let (ef, ew) = try entry.nextKey() {
-                switch (ef, ew) {
-                case (1, 2): key = try entry.lengthDelimited()
-                case (2, 2): value = try entry.lengthDelimited()
-                case (3, 2): raw = try entry.lengthDelimited()
-                default: try entry.skip(ew)
+        // One pass over the bytes by index: a ByteBuffer slice per field cost a retain and release
+        // each, for the dozen headers of every request.
+        try headerMap.withUnsafeReadableBytes { bytes in
+            var map = IndexedProtoReader(bytes, 0..<bytes.count)
+            while let (f, w) = try map.nextKey() {
+                guard f == 1, w == 2 else {
+                    try map.skip(w)
+                    continue
                 }
+                var entry = IndexedProtoReader(bytes, try map.lengthDelimited())
+                var key = 0..<0, value = 0..<0, raw = 0..<0
+                while let (ef, ew) = try entry.nextKey() {
+                    switch (ef, ew) {
+                    case (1, 2): key = try entry.lengthDelimited()
+                    case (2, 2): value = try entry.lengthDelimited()
+                    case (3, 2): raw = try entry.lengthDelimited()
+                    default: try entry.skip(ew)
+                    }
+                }
+                try body(UnsafeRawBufferPointer(rebasing: bytes[key]),
+                         UnsafeRawBufferPointer(rebasing: bytes[raw.isEmpty ? value : raw]))
             }
-            let v = raw.readableBytes > 0 ? raw : value
-            try key.withUnsafeReadableBytes { k in try v.withUnsafeReadableBytes { try body(k, $0) } }
         }
     }
 
@@ -176,6 +180,67 @@ struct ProtoReader {
     private mutating func advance(_ n: Int) throws {
         guard buffer.readableBytes >= n else { throw ProtoDecodingError(description: "truncated fixed-width field") }
         buffer.moveReaderIndex(forwardBy: n)
+    }
+}
+
+/// The same wire-format reader over bytes already in memory, by index: length-delimited fields
+/// come out as ranges of `bytes` (no slice, so no reference counting per field).
+struct IndexedProtoReader {
+    private let bytes: UnsafeRawBufferPointer
+    private var index: Int
+    private let end: Int
+
+    init(_ bytes: UnsafeRawBufferPointer, _ range: Range<Int>) {
+        precondition(range.lowerBound >= 0 && range.upperBound <= bytes.count)
+        self.bytes = bytes
+        index = range.lowerBound
+        end = range.upperBound
+    }
+
+    mutating func nextKey() throws -> (Int, UInt8)? {
+        guard index < end else { return nil }
+        let key = try varint()
+        let field = Int(truncatingIfNeeded: key >> 3)
+        guard field > 0 else { throw ProtoDecodingError(description: "field number 0") }
+        return (field, UInt8(key & 7))
+    }
+
+    mutating func varint() throws -> UInt64 {
+        var result: UInt64 = 0
+        var shift: UInt64 = 0
+        while index < end && shift < 64 {
+            let byte = bytes[index]
+            index += 1
+            result |= UInt64(byte & 0x7F) << shift
+            if byte & 0x80 == 0 { return result }
+            shift += 7
+        }
+        throw ProtoDecodingError(description: "malformed varint")
+    }
+
+    mutating func lengthDelimited() throws -> Range<Int> {
+        let length = try varint()
+        guard length <= UInt64(end - index) else {
+            throw ProtoDecodingError(description: "truncated length-delimited field")
+        }
+        let range = index..<(index + Int(length))
+        index = range.upperBound
+        return range
+    }
+
+    mutating func skip(_ wireType: UInt8) throws {
+        switch wireType {
+        case 0: _ = try varint()
+        case 1: try advance(8)
+        case 2: _ = try lengthDelimited()
+        case 5: try advance(4)
+        default: throw ProtoDecodingError(description: "unsupported wire type \(wireType)")
+        }
+    }
+
+    private mutating func advance(_ n: Int) throws {
+        guard end - index >= n else { throw ProtoDecodingError(description: "truncated fixed-width field") }
+        index += n
     }
 }
 

@@ -28,6 +28,12 @@ public enum JSONStringEncoding {
         var out: [UInt8] = []
         out.reserveCapacity(s.utf8.count + 2)
         out.append(0x22)
+        // Model names rarely need escaping: copy them whole.
+        if !s.utf8.contains(where: { $0 < 0x20 || $0 == 0x22 || $0 == 0x5C }) {
+            out.append(contentsOf: s.utf8)
+            out.append(0x22)
+            return out
+        }
         @inline(__always) func hex(_ v: UInt8) -> UInt8 { v < 10 ? 0x30 + v : 0x57 + v }
         for b in s.utf8 {
             switch b {

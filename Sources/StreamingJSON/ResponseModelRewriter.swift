@@ -47,7 +47,10 @@ public struct ResponseModelRewriter: Sendable {
     }
 
     /// Last original (backend) top-level model value seen.
-    public private(set) var observedModel: String?
+    /// Decoded on demand: the picker itself never needs it on the request path.
+    public var observedModel: String? {
+        lastModelRaw.count >= 2 ? JSONStringDecoding.decode(lastModelRaw[1..<(lastModelRaw.count - 1)]) : nil
+    }
     /// Number of model values replaced.
     public private(set) var replacements = 0
     /// Token usage, last seen values win.
@@ -438,11 +441,7 @@ public struct ResponseModelRewriter: Sendable {
             default: m3 = id
             }
         case .model:
-            if raw != lastModelRaw {
-                // Responses repeat the same model in every event: decode it once.
-                observedModel = JSONStringDecoding.decode(raw[1..<(raw.count - 1)])
-                lastModelRaw = raw
-            }
+            swap(&raw, &lastModelRaw)  // keep the value's bytes; reuse the other buffer for the next capture
             if holding, let r = replacement {
                 out.append(.bytes(r))
                 replacements += 1
