@@ -45,7 +45,7 @@ enum ReplyEncoding {
             total += field(metadataSizes.outer)
         }
 
-        var w = ProtoWriter(frameOf: total)
+        var w = ProtoWriter(messageLength: total)
         w.open(request ? 1 : 2, headers)       // ProcessingResponse.request_headers / response_headers
         w.open(1, common)                      // HeadersResponse.response
         if !changes.isEmpty {
@@ -89,7 +89,7 @@ enum ReplyEncoding {
         let common = 1 + varintSize(mutation) + mutation
         let bodyResponse = 1 + varintSize(common) + common
         let total = 1 + varintSize(bodyResponse) + bodyResponse
-        var w = ProtoWriter(frameOf: total - count - (endOfStream ? 2 : 0), announcing: total)
+        var w = ProtoWriter(messageLength: total, capacity: total - count)  // the body goes straight into the frame
         w.open(request ? 3 : 4, bodyResponse)  // ProcessingResponse.request_body / response_body
         w.open(1, common)                      // BodyResponse.response
         w.open(3, mutation)                    // CommonResponse.body_mutation
@@ -120,11 +120,11 @@ enum ReplyEncoding {
 struct ProtoWriter {
     var bytes: [UInt8] = []
 
-    /// Starts with the gRPC frame header (uncompressed, `announcing` bytes of message, which
-    /// default to `reserve`); reserves room for `reserve` bytes after it.
-    init(frameOf reserve: Int, announcing: Int? = nil) {
-        bytes.reserveCapacity(5 + reserve)
-        let length = UInt32(announcing ?? reserve)
+    /// Starts with the gRPC frame header of an uncompressed message of `messageLength` bytes and
+    /// reserves room for `capacity` of them (default: all).
+    init(messageLength: Int, capacity: Int? = nil) {
+        bytes.reserveCapacity(5 + (capacity ?? messageLength))
+        let length = UInt32(messageLength)
         bytes.append(0)
         bytes.append(UInt8(truncatingIfNeeded: length >> 24))
         bytes.append(UInt8(truncatingIfNeeded: length >> 16))
