@@ -25,27 +25,29 @@ struct ExtProcRequest {
     var responseBodyMode: Int?
 
     init(decoding message: ByteBuffer) throws {
-        var reader = ProtoReader(message)
-        while let (field, wireType) = try reader.nextKey() {
-            switch (field, wireType) {
-            case (2...7, 2):
-                phase = Phase(rawValue: field)
-                payload = try reader.lengthDelimited()
-            case (8, 2):
-                metadataContext = try reader.lengthDelimited()
-            case (11, 2):
-                var config = ProtoReader(try reader.lengthDelimited())
-                requestBodyMode = 0
-                responseBodyMode = 0
-                while let (f, w) = try config.nextKey() {
-                    switch (f, w) {
-                    case (1, 0): requestBodyMode = Int(truncatingIfNeeded: try config.varint())
-                    case (2, 0): responseBodyMode = Int(truncatingIfNeeded: try config.varint())
-                    default: try config.skip(w)
+        try message.withUnsafeReadableBytes { bytes in
+            var reader = IndexedProtoReader(bytes, 0..<bytes.count)
+            while let (field, wireType) = try reader.nextKey() {
+                switch (field, wireType) {
+                case (2...7, 2):
+                    phase = Phase(rawValue: field)
+                    payload = message.slice(try reader.lengthDelimited())
+                case (8, 2):
+                    metadataContext = message.slice(try reader.lengthDelimited())
+                case (11, 2):
+                    var config = IndexedProtoReader(bytes, try reader.lengthDelimited())
+                    requestBodyMode = 0
+                    responseBodyMode = 0
+                    while let (f, w) = try config.nextKey() {
+                        switch (f, w) {
+                        case (1, 0): requestBodyMode = Int(truncatingIfNeeded: try config.varint())
+                        case (2, 0): responseBodyMode = Int(truncatingIfNeeded: try config.varint())
+                        default: try config.skip(w)
+                        }
                     }
+                default:
+                    try reader.skip(wireType)
                 }
-            default:
-                try reader.skip(wireType)
             }
         }
     }
@@ -58,14 +60,16 @@ struct HeadersView {
 
     /// Parses HttpHeaders (`headers` = 1, `end_of_stream` = 3) or HttpTrailers (`trailers` = 1).
     init(_ payload: ByteBuffer) throws {
-        var reader = ProtoReader(payload)
         var map: ByteBuffer?
         var eos = false
-        while let (f, w) = try reader.nextKey() {
-            switch (f, w) {
-            case (1, 2): map = try reader.lengthDelimited()
-            case (3, 0): eos = try reader.varint() != 0
-            default: try reader.skip(w)
+        try payload.withUnsafeReadableBytes { bytes in
+            var reader = IndexedProtoReader(bytes, 0..<bytes.count)
+            while let (f, w) = try reader.nextKey() {
+                switch (f, w) {
+                case (1, 2): map = payload.slice(try reader.lengthDelimited())
+                case (3, 0): eos = try reader.varint() != 0
+                default: try reader.skip(w)
+                }
             }
         }
         headerMap = map
@@ -117,12 +121,14 @@ struct BodyView {
     var endOfStream = false
 
     init(_ payload: ByteBuffer) throws {
-        var reader = ProtoReader(payload)
-        while let (f, w) = try reader.nextKey() {
-            switch (f, w) {
-            case (1, 2): body = try reader.lengthDelimited()
-            case (2, 0): endOfStream = try reader.varint() != 0
-            default: try reader.skip(w)
+        try payload.withUnsafeReadableBytes { bytes in
+            var reader = IndexedProtoReader(bytes, 0..<bytes.count)
+            while let (f, w) = try reader.nextKey() {
+                switch (f, w) {
+                case (1, 2): body = payload.slice(try reader.lengthDelimited())
+                case (2, 0): endOfStream = try reader.varint() != 0
+                default: try reader.skip(w)
+                }
             }
         }
     }
@@ -132,59 +138,8 @@ struct ProtoDecodingError: Error, CustomStringConvertible {
     let description: String
 }
 
-/// Protobuf wire-format reader over a ByteBuffer (length-delimited fields come out as slices).
-struct ProtoReader {
-    private var buffer: ByteBuffer
-
-    init(_ buffer: ByteBuffer) { self.buffer = buffer }
-
-    /// The next field number and wire type, or nil at the end.
-    mutating func nextKey() throws -> (Int, UInt8)? {
-        guard buffer.readableBytes > 0 else { return nil }
-        let key = try varint()
-        let field = Int(truncatingIfNeeded: key >> 3)
-        guard field > 0 else { throw ProtoDecodingError(description: "field number 0") }
-        return (field, UInt8(key & 7))
-    }
-
-    mutating func varint() throws -> UInt64 {
-        var result: UInt64 = 0
-        var shift: UInt64 = 0
-        while let byte = buffer.readInteger(as: UInt8.self) {
-            result |= UInt64(byte & 0x7F) << shift
-            if byte & 0x80 == 0 { return result }
-            shift += 7
-            if shift >= 64 { break }
-        }
-        throw ProtoDecodingError(description: "malformed varint")
-    }
-
-    mutating func lengthDelimited() throws -> ByteBuffer {
-        let length = try varint()
-        guard length <= UInt64(buffer.readableBytes), let slice = buffer.readSlice(length: Int(length)) else {
-            throw ProtoDecodingError(description: "truncated length-delimited field")
-        }
-        return slice
-    }
-
-    mutating func skip(_ wireType: UInt8) throws {
-        switch wireType {
-        case 0: _ = try varint()
-        case 1: try advance(8)
-        case 2: _ = try lengthDelimited()
-        case 5: try advance(4)
-        default: throw ProtoDecodingError(description: "unsupported wire type \(wireType)")
-        }
-    }
-
-    private mutating func advance(_ n: Int) throws {
-        guard buffer.readableBytes >= n else { throw ProtoDecodingError(description: "truncated fixed-width field") }
-        buffer.moveReaderIndex(forwardBy: n)
-    }
-}
-
-/// The same wire-format reader over bytes already in memory, by index: length-delimited fields
-/// come out as ranges of `bytes` (no slice, so no reference counting per field).
+/// Protobuf wire-format reader over bytes in memory, by index: length-delimited fields come out
+/// as ranges of `bytes` (no ByteBuffer slice per field, so no reference counting per field).
 struct IndexedProtoReader {
     private let bytes: UnsafeRawBufferPointer
     private var index: Int
@@ -241,6 +196,13 @@ struct IndexedProtoReader {
     private mutating func advance(_ n: Int) throws {
         guard end - index >= n else { throw ProtoDecodingError(description: "truncated fixed-width field") }
         index += n
+    }
+}
+
+extension ByteBuffer {
+    /// The slice for a range of the readable bytes, as `IndexedProtoReader` reports them.
+    func slice(_ range: Range<Int>) -> ByteBuffer {
+        getSlice(at: readerIndex + range.lowerBound, length: range.count)!
     }
 }
 

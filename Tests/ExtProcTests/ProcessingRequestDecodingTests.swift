@@ -48,6 +48,15 @@ final class ProcessingRequestDecodingTests: XCTestCase {
         XCTAssertTrue(view.endOfStream)
         XCTAssertEqual(try headerPairs(view), [":path=/v1/completions", "x-request-id=r1", "empty=", "legacy=in-value-field"])
         XCTAssertEqual(try view.value(of: "x-request-id"), "r1")
+
+        // Messages arrive as slices of a larger read: the views must be relative to the reader index.
+        var framed = ByteBuffer(bytes: [0xEE, 0xEE, 0xEE])
+        var encoded = try encode(m)
+        framed.writeBuffer(&encoded)
+        framed.moveReaderIndex(forwardBy: 3)
+        let shifted = try ExtProcRequest(decoding: framed)
+        XCTAssertEqual(try headerPairs(HeadersView(shifted.payload)), try headerPairs(view))
+        XCTAssertEqual(shifted.metadataContext, r.metadataContext)
     }
 
     func testBodyPhasesAndNoProtocolConfig() throws {
