@@ -158,7 +158,7 @@ public final class EndpointSet: Sendable {
                 if c < best { best = c; ties = 1 } else if c == best { ties += 1 }
             }
             if ties == 0 { return nil }
-            var k = ties == 1 ? 0 : Int(rng.next(upperBound: UInt64(ties)))
+            var k = ties == 1 ? 0 : Int(rng.draw(below: UInt64(ties)))
             var fallback: EndpointRecord?
             for a in subset {
                 guard let r = byAddress[a] else { continue }
@@ -179,7 +179,7 @@ public final class EndpointSet: Sendable {
             let c = r.inFlightCount
             if c < best { best = c; ties = 1 } else if c == best { ties += 1 }
         }
-        var k = ties == 1 ? 0 : Int(rng.next(upperBound: UInt64(ties)))
+        var k = ties == 1 ? 0 : Int(rng.draw(below: UInt64(ties)))
         var fallback = recs[0]
         for r in recs where r.inFlightCount <= best {
             if k == 0 { return r }

@@ -214,7 +214,7 @@ public struct RewriteRules: Sendable {
         if let affinity {
             r = StickyHash.scale(StickyHash.mix(StickyHash.keyed(seed: rule.hashSeed, key: affinity.value)), total)
         } else {
-            r = rng.next(upperBound: total)
+            r = rng.draw(below: total)
         }
         var i = 0
         while i < n - 1 && r >= rule.cumulative[i] { i += 1 }
