@@ -247,7 +247,7 @@ public final class ConfigDirectoryWatcher: Sendable {
     /// The watcher then reports only later changes.
     public func loadNow() -> ManifestSnapshot { poll(force: true)! }
 
-    /// Starts the polling thread. Unless `loadNow()` was used, the initial snapshot is
+    /// Starts the watcher thread. Unless `loadNow()` was used, the initial snapshot is
     /// delivered from that thread. The thread keeps the watcher alive until `stop()`.
     public func start() {
         guard started.compareExchange(expected: false, desired: true, ordering: .acquiringAndReleasing).exchanged else { return }
@@ -256,7 +256,7 @@ public final class ConfigDirectoryWatcher: Sendable {
         thread.start()
     }
 
-    /// Stops polling (within one interval).
+    /// Stops the watcher thread (at once; within one interval if the stop pipe could not be made).
     public func stop() {
         stopped.store(true, ordering: .releasing)
         wakeup.signal()
