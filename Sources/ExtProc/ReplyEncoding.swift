@@ -21,15 +21,14 @@ enum ReplyEncoding {
     static func headersReply(request: Bool, changes: HeaderChanges, clearRouteCache: Bool, destination: String?) -> ByteBuffer {
         // Sizes bottom-up, then one pass writing into a single buffer.
         func field(_ n: Int) -> Int { 1 + varintSize(n) + n }
-        var optionSizes: [(Int, Int)] = []  // (HeaderValue, HeaderValueOption) sizes
-        optionSizes.reserveCapacity(changes.setHeaders.count)
-        var mutation = 0
-        for (key, value) in changes.setHeaders {
+        // (HeaderValue, HeaderValueOption) sizes of a set header; computed again when writing
+        // rather than kept in an array (an allocation per reply).
+        func sizes(_ key: String, _ value: String) -> (header: Int, option: Int) {
             let header = field(key.utf8.count) + field(value.utf8.count)
-            let option = field(header) + 2
-            optionSizes.append((header, option))
-            mutation += field(option)
+            return (header, field(header) + 2)
         }
+        var mutation = 0
+        for (key, value) in changes.setHeaders { mutation += field(sizes(key, value).option) }
         for name in changes.removeHeaders { mutation += field(name.utf8.count) }
         let common = (changes.isEmpty ? 0 : field(mutation)) + (clearRouteCache ? 2 : 0)
         let headers = field(common)
@@ -50,9 +49,10 @@ enum ReplyEncoding {
         w.open(1, common)                      // HeadersResponse.response
         if !changes.isEmpty {
             w.open(2, mutation)                // CommonResponse.header_mutation
-            for (i, (k, v)) in changes.setHeaders.enumerated() {
-                w.open(1, optionSizes[i].1)    // HeaderMutation.set_headers
-                w.open(1, optionSizes[i].0)    // HeaderValueOption.header
+            for (k, v) in changes.setHeaders {
+                let size = sizes(k, v)
+                w.open(1, size.option)         // HeaderMutation.set_headers
+                w.open(1, size.header)         // HeaderValueOption.header
                 w.string(1, k)                 // HeaderValue.key
                 w.string(3, v)                 // HeaderValue.raw_value
                 w.byte(0x18)                   // HeaderValueOption.append_action

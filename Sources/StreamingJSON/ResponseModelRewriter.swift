@@ -65,6 +65,11 @@ public struct ResponseModelRewriter: Sendable {
         self.replacement = replacement.map { JSONStringEncoding.quoted($0) }
         self.maxHeldBytes = maxHeldBytes
         self.passthrough = mode == .passthrough
+        if mode != .passthrough {
+            // Keys and the model value are captured here: one allocation each instead of regrowth.
+            raw.reserveCapacity(128)
+            lastModelRaw.reserveCapacity(128)
+        }
     }
 
     // MARK: State
