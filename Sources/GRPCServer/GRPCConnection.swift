@@ -30,19 +30,7 @@ final class GRPCConnection: HTTP2ServerApplication {
     private let maxMessageBytes: Int
     private let logger: Logger
     private var connection: HTTP2ServerConnection!
-    private var calls: [HTTP2StreamID: Call] = [:]
-    /// The call found last: consecutive events mostly concern one stream (the fields of a header
-    /// block, the DATA of one read), and this spares hashing its id for each of them.
-    private var recentID: HTTP2StreamID = -1
-    private var recentCall: Call?
-
-    private func call(_ id: HTTP2StreamID) -> Call? {
-        if id == recentID { return recentCall }
-        guard let found = calls[id] else { return nil }
-        recentID = id
-        recentCall = found
-        return found
-    }
+    private var calls = StreamTable<Call>()
 
     /// Request-side state of one stream.
     private final class Call {
@@ -75,13 +63,11 @@ final class GRPCConnection: HTTP2ServerApplication {
 
     func http2StreamOpened(_ id: HTTP2StreamID) {
         let call = Call(stream: GRPCServerStream(id: id, connection: self, eventLoop: connection.eventLoop))
-        calls[id] = call
-        recentID = id
-        recentCall = call
+        calls.insert(call, for: id)
     }
 
     func http2Header(_ id: HTTP2StreamID, name: UnsafeRawBufferPointer, value: UnsafeRawBufferPointer, isTrailers: Bool) {
-        guard !isTrailers, let call = call(id) else { return }
+        guard !isTrailers, let call = calls[id] else { return }
         guard let first = name.first else { return }
         if first == UInt8(ascii: ":") {
             if name.equals(":path") {
@@ -110,7 +96,7 @@ final class GRPCConnection: HTTP2ServerApplication {
     }
 
     func http2HeadersComplete(_ id: HTTP2StreamID, isTrailers: Bool, endStream: Bool) {
-        guard let call = call(id) else { return }
+        guard let call = calls[id] else { return }
         if isTrailers {
             if endStream { http2EndStream(id) }
             return
@@ -143,7 +129,7 @@ final class GRPCConnection: HTTP2ServerApplication {
     }
 
     func http2Data(_ id: HTTP2StreamID, _ data: ByteBuffer) {
-        guard let call = call(id) else { return }
+        guard let call = calls[id] else { return }
         let length = data.readableBytes
         // Bytes are handed on (or dropped) synchronously, so the window can reopen right away;
         // back-pressure comes from the outbound side holding `consume` back (see `writable`).
@@ -163,7 +149,7 @@ final class GRPCConnection: HTTP2ServerApplication {
     private var heldBack: [HTTP2StreamID: Int] = [:]
 
     func http2EndStream(_ id: HTTP2StreamID) {
-        guard let call = call(id), !call.rejected, !call.stream.isClosed else { return }
+        guard let call = calls[id], !call.rejected, !call.stream.isClosed else { return }
         if call.pending != nil || call.pendingLength >= 0 {
             call.stream.finish(GRPCStatus(.internal, "request stream ended inside a message"))
             return
@@ -173,8 +159,7 @@ final class GRPCConnection: HTTP2ServerApplication {
 
     func http2StreamClosed(_ id: HTTP2StreamID, errorCode: HTTP2ErrorCode) {
         if !heldBack.isEmpty { heldBack[id] = nil }
-        if id == recentID { recentID = -1; recentCall = nil }
-        guard let call = calls.removeValue(forKey: id) else { return }
+        guard let call = calls.remove(id) else { return }
         let stream = call.stream
         stream.deadline?.cancel()
         stream.deadline = nil
@@ -190,17 +175,15 @@ final class GRPCConnection: HTTP2ServerApplication {
             connection.session.consume(id, held)
             connection.flushSoon()
         }
-        guard let call = call(id), !call.stream.isClosed else { return }
+        guard let call = calls[id], !call.stream.isClosed else { return }
         call.stream.handler?.writable(call.stream)
     }
 
     func connectionClosed() {
-        let all = calls
+        let all = Array(calls.all)
         calls.removeAll()
-        recentID = -1
-        recentCall = nil
         heldBack.removeAll()
-        for (_, call) in all {
+        for call in all {
             let stream = call.stream
             stream.deadline?.cancel()
             if !stream.isClosed {
@@ -312,7 +295,7 @@ final class GRPCConnection: HTTP2ServerApplication {
         stream.isClosed = true
         stream.deadline?.cancel()
         stream.deadline = nil
-        if let call = call(stream.id) {
+        if let call = calls[stream.id] {
             // Whatever the client still sends is dropped: give its window back.
             call.rejected = true
             call.pending = nil

@@ -36,27 +36,7 @@ public final class HTTP2ServerSession {
     private let allocator: ByteBufferAllocator
 
     /// Outbound state of streams we have started answering.
-    private var outbound: [HTTP2StreamID: OutboundStream] = [:]
-    /// The outbound stream found last: a reply's data, trailers and nghttp2's read and send
-    /// callbacks come one after another for the same stream; this spares hashing its id each time.
-    private var recentOutboundID: HTTP2StreamID = -1
-    private var recentOutbound: OutboundStream?
-
-    private func outboundStream(_ id: HTTP2StreamID) -> OutboundStream? {
-        if id == recentOutboundID { return recentOutbound }
-        guard let found = outbound[id] else { return nil }
-        recentOutboundID = id
-        recentOutbound = found
-        return found
-    }
-
-    private func removeOutbound(_ id: HTTP2StreamID) {
-        outbound[id] = nil
-        if id == recentOutboundID {
-            recentOutboundID = -1
-            recentOutbound = nil
-        }
-    }
+    private var outbound = StreamTable<OutboundStream>()
     /// Bytes delivered to the delegate but not yet consumed, per stream (returned to the
     /// connection window when a stream closes early).
     private var unconsumed: [HTTP2StreamID: Int] = [:]
@@ -163,19 +143,17 @@ public final class HTTP2ServerSession {
             return
         }
         let stream = OutboundStream()
-        outbound[id] = stream
-        recentOutboundID = id
-        recentOutbound = stream
+        outbound.insert(stream, for: id)
         var provider = nghttp2_data_provider(source: nghttp2_data_source(ptr: nil), read_callback: cbReadData)
         let rv = headers.withNVArray { nghttp2_submit_response(session, id, $0, $1, &provider) }
-        if rv != 0 { removeOutbound(id) }
+        if rv != 0 { outbound.remove(id) }
     }
 
     /// Queues body bytes on a stream whose headers were sent. Returns false once the stream's queue
     /// is above the high-water mark: stop producing until `http2StreamWritable`.
     @discardableResult
     public func sendData(_ id: HTTP2StreamID, _ data: ByteBuffer) -> Bool {
-        guard let session, let stream = outboundStream(id), !stream.ended else { return false }
+        guard let session, let stream = outbound[id], !stream.ended else { return false }
         if data.readableBytes > 0 {
             stream.queue.append(data)
             stream.queuedBytes += data.readableBytes
@@ -191,7 +169,7 @@ public final class HTTP2ServerSession {
     /// Ends the response with trailers (after the queued data), or with an empty DATA frame
     /// carrying END_STREAM when `trailers` is nil.
     public func sendTrailers(_ id: HTTP2StreamID, _ trailers: HTTP2HeaderBlock?) {
-        guard let session, let stream = outboundStream(id), !stream.ended else { return }
+        guard let session, let stream = outbound[id], !stream.ended else { return }
         stream.ended = true
         stream.trailers = trailers
         if stream.deferred {
@@ -203,7 +181,7 @@ public final class HTTP2ServerSession {
     /// Whether the stream wants more data: false from the moment its queue passed the high-water
     /// mark until it drained below the low-water mark (`http2StreamWritable` then fires).
     public func isWritable(_ id: HTTP2StreamID) -> Bool {
-        guard let stream = outboundStream(id) else { return false }
+        guard let stream = outbound[id] else { return false }
         return !stream.wantsWritable
     }
 
@@ -311,7 +289,7 @@ public final class HTTP2ServerSession {
     }
 
     fileprivate func onStreamClose(_ id: HTTP2StreamID, _ errorCode: UInt32) {
-        removeOutbound(id)
+        outbound.remove(id)
         if let left = unconsumed.removeValue(forKey: id), left > 0, let session {
             _ = nghttp2_session_consume_connection(session, left)
         }
@@ -319,7 +297,7 @@ public final class HTTP2ServerSession {
     }
 
     fileprivate func onReadData(_ id: HTTP2StreamID, _ maxLength: Int, _ flags: UnsafeMutablePointer<UInt32>) -> Int {
-        guard let stream = outboundStream(id) else {
+        guard let stream = outbound[id] else {
             return Int(NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE.rawValue)
         }
         let n = min(maxLength, stream.queuedBytes - stream.promised)
@@ -348,7 +326,7 @@ public final class HTTP2ServerSession {
     }
 
     fileprivate func onSendData(_ id: HTTP2StreamID, _ frameHeader: UnsafePointer<UInt8>, _ length: Int) -> Int32 {
-        guard let stream = outboundStream(id) else { return Int32(NGHTTP2_ERR_CALLBACK_FAILURE.rawValue) }
+        guard let stream = outbound[id] else { return Int32(NGHTTP2_ERR_CALLBACK_FAILURE.rawValue) }
         appendOutput(UnsafeRawBufferPointer(start: frameHeader, count: 9))
         var remaining = length
         while remaining > 0, var head = stream.queue.first {
