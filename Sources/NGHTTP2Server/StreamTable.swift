@@ -2,17 +2,21 @@
 ///
 /// Events come in runs for one stream (the fields of a header block, the DATA of one read, a
 /// reply's data, trailers and nghttp2's send callbacks), so most lookups hit the remembered entry
-/// and skip hashing the id. Stream ids are never reused on a connection.
+/// and skip hashing the id. Stream ids are never reused on a connection. Inlinable, so the gRPC
+/// layer gets it specialised for its own type rather than through generic witnesses.
 public struct StreamTable<Value: AnyObject> {
-    private var entries: [HTTP2StreamID: Value] = [:]
-    private var recentID: HTTP2StreamID = -1
-    private var recent: Value?
+    @usableFromInline var entries: [HTTP2StreamID: Value] = [:]
+    @usableFromInline var recentID: HTTP2StreamID = -1
+    @usableFromInline var recent: Value?
 
-    public init() {}
+    @inlinable public init() {}
 
+    @inlinable
     public var isEmpty: Bool { entries.isEmpty }
+    @inlinable
     public var all: Dictionary<HTTP2StreamID, Value>.Values { entries.values }
 
+    @inlinable
     public subscript(id: HTTP2StreamID) -> Value? {
         mutating get {
             if id == recentID { return recent }
@@ -23,6 +27,7 @@ public struct StreamTable<Value: AnyObject> {
         }
     }
 
+    @inlinable
     public mutating func insert(_ value: Value, for id: HTTP2StreamID) {
         entries[id] = value
         recentID = id
@@ -30,6 +35,7 @@ public struct StreamTable<Value: AnyObject> {
     }
 
     @discardableResult
+    @inlinable
     public mutating func remove(_ id: HTTP2StreamID) -> Value? {
         if id == recentID {
             recentID = -1
@@ -38,6 +44,7 @@ public struct StreamTable<Value: AnyObject> {
         return entries.removeValue(forKey: id)
     }
 
+    @inlinable
     public mutating func removeAll() {
         entries.removeAll()
         recentID = -1
