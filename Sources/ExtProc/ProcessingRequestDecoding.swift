@@ -25,29 +25,26 @@ struct ExtProcRequest {
     var responseBodyMode: Int?
 
     init(decoding message: ByteBuffer) throws {
-        try message.withUnsafeReadableBytes { bytes in
-            var reader = IndexedProtoReader(bytes, 0..<bytes.count)
-            while let (field, wireType) = try reader.nextKey() {
-                switch (field, wireType) {
-                case (2...7, 2):
-                    phase = Phase(rawValue: field)
-                    payload = message.slice(try reader.lengthDelimited())
-                case (8, 2):
-                    metadataContext = message.slice(try reader.lengthDelimited())
-                case (11, 2):
-                    var config = IndexedProtoReader(bytes, try reader.lengthDelimited())
-                    requestBodyMode = 0
-                    responseBodyMode = 0
-                    while let (f, w) = try config.nextKey() {
-                        switch (f, w) {
-                        case (1, 0): requestBodyMode = Int(truncatingIfNeeded: try config.varint())
-                        case (2, 0): responseBodyMode = Int(truncatingIfNeeded: try config.varint())
-                        default: try config.skip(w)
-                        }
+        try message.forEachProtoField { field, wireType, reader in
+            switch (field, wireType) {
+            case (2...7, 2):
+                phase = Phase(rawValue: field)
+                payload = message.slice(try reader.lengthDelimited())
+            case (8, 2):
+                metadataContext = message.slice(try reader.lengthDelimited())
+            case (11, 2):
+                requestBodyMode = 0
+                responseBodyMode = 0
+                var config = try reader.nested()
+                try config.forEachField { f, w, config in
+                    switch (f, w) {
+                    case (1, 0): requestBodyMode = Int(truncatingIfNeeded: try config.varint())
+                    case (2, 0): responseBodyMode = Int(truncatingIfNeeded: try config.varint())
+                    default: try config.skip(w)
                     }
-                default:
-                    try reader.skip(wireType)
                 }
+            default:
+                try reader.skip(wireType)
             }
         }
     }
@@ -62,14 +59,11 @@ struct HeadersView {
     init(_ payload: ByteBuffer) throws {
         var map: ByteBuffer?
         var eos = false
-        try payload.withUnsafeReadableBytes { bytes in
-            var reader = IndexedProtoReader(bytes, 0..<bytes.count)
-            while let (f, w) = try reader.nextKey() {
-                switch (f, w) {
-                case (1, 2): map = payload.slice(try reader.lengthDelimited())
-                case (3, 0): eos = try reader.varint() != 0
-                default: try reader.skip(w)
-                }
+        try payload.forEachProtoField { f, w, reader in
+            switch (f, w) {
+            case (1, 2): map = payload.slice(try reader.lengthDelimited())
+            case (3, 0): eos = try reader.varint() != 0
+            default: try reader.skip(w)
             }
         }
         headerMap = map
@@ -82,26 +76,19 @@ struct HeadersView {
         guard let headerMap else { return }
         // One pass over the bytes by index: a ByteBuffer slice per field cost a retain and release
         // each, for the dozen headers of every request.
-        try headerMap.withUnsafeReadableBytes { bytes in
-            var map = IndexedProtoReader(bytes, 0..<bytes.count)
-            while let (f, w) = try map.nextKey() {
-                guard f == 1, w == 2 else {
-                    try map.skip(w)
-                    continue
+        try headerMap.forEachProtoField { f, w, map in
+            guard f == 1, w == 2 else { return try map.skip(w) }
+            var entry = try map.nested()
+            var key = 0..<0, value = 0..<0, raw = 0..<0
+            try entry.forEachField { ef, ew, entry in
+                switch (ef, ew) {
+                case (1, 2): key = try entry.lengthDelimited()
+                case (2, 2): value = try entry.lengthDelimited()
+                case (3, 2): raw = try entry.lengthDelimited()
+                default: try entry.skip(ew)
                 }
-                var entry = IndexedProtoReader(bytes, try map.lengthDelimited())
-                var key = 0..<0, value = 0..<0, raw = 0..<0
-                while let (ef, ew) = try entry.nextKey() {
-                    switch (ef, ew) {
-                    case (1, 2): key = try entry.lengthDelimited()
-                    case (2, 2): value = try entry.lengthDelimited()
-                    case (3, 2): raw = try entry.lengthDelimited()
-                    default: try entry.skip(ew)
-                    }
-                }
-                try body(UnsafeRawBufferPointer(rebasing: bytes[key]),
-                         UnsafeRawBufferPointer(rebasing: bytes[raw.isEmpty ? value : raw]))
             }
+            try body(entry.bytes(in: key), entry.bytes(in: raw.isEmpty ? value : raw))
         }
     }
 
@@ -121,14 +108,11 @@ struct BodyView {
     var endOfStream = false
 
     init(_ payload: ByteBuffer) throws {
-        try payload.withUnsafeReadableBytes { bytes in
-            var reader = IndexedProtoReader(bytes, 0..<bytes.count)
-            while let (f, w) = try reader.nextKey() {
-                switch (f, w) {
-                case (1, 2): body = payload.slice(try reader.lengthDelimited())
-                case (2, 0): endOfStream = try reader.varint() != 0
-                default: try reader.skip(w)
-                }
+        try payload.forEachProtoField { f, w, reader in
+            switch (f, w) {
+            case (1, 2): body = payload.slice(try reader.lengthDelimited())
+            case (2, 0): endOfStream = try reader.varint() != 0
+            default: try reader.skip(w)
             }
         }
     }
@@ -150,6 +134,21 @@ struct IndexedProtoReader {
         self.bytes = bytes
         index = range.lowerBound
         end = range.upperBound
+    }
+
+    /// Calls `body` for each field until the end; `body` must consume (or skip) the field's value.
+    mutating func forEachField(_ body: (_ field: Int, _ wireType: UInt8, _ reader: inout IndexedProtoReader) throws -> Void) throws {
+        while let (field, wireType) = try nextKey() { try body(field, wireType, &self) }
+    }
+
+    /// A reader over the next length-delimited field (an embedded message).
+    mutating func nested() throws -> IndexedProtoReader {
+        IndexedProtoReader(bytes, try lengthDelimited())
+    }
+
+    /// The bytes of a range this reader reported; valid as long as the reader's bytes are.
+    func bytes(in range: Range<Int>) -> UnsafeRawBufferPointer {
+        UnsafeRawBufferPointer(rebasing: bytes[range])
     }
 
     mutating func nextKey() throws -> (Int, UInt8)? {
@@ -200,6 +199,14 @@ struct IndexedProtoReader {
 }
 
 extension ByteBuffer {
+    /// Walks the fields of the protobuf message in the readable bytes (see `IndexedProtoReader.forEachField`).
+    func forEachProtoField(_ body: (_ field: Int, _ wireType: UInt8, _ reader: inout IndexedProtoReader) throws -> Void) throws {
+        try withUnsafeReadableBytes { bytes in
+            var reader = IndexedProtoReader(bytes, 0..<bytes.count)
+            try reader.forEachField(body)
+        }
+    }
+
     /// The slice for a range of the readable bytes, as `IndexedProtoReader` reports them.
     func slice(_ range: Range<Int>) -> ByteBuffer {
         getSlice(at: readerIndex + range.lowerBound, length: range.count)!
