@@ -11,8 +11,9 @@ Moderate rate: an open-loop generator (bench/lib/open_loop_http.py) sends reques
 BENCH_ENVOY_RATE/s and times each from write to last byte; h2load --rps is not used there, as it releases
 requests on a coarse timer and its latencies spread over ~0-10 ms whatever the server does. Saturation:
 h2load closed loop. Reports throughput, p50/p90/p99, added p50/p99 of the EPP path, EPP CPU µs and
-wake-ups per request, and, as a reference for this machine, the CPU per isolated request of nghttpd
-and of the EPP's health Check at the same rate.
+wake-ups per request, the EPP path at a few other rates (BENCH_ENVOY_SWEEP), and, as references for this
+machine, the gateway Envoy's own CPU per request on both paths (what its ext_proc filter costs Envoy) and
+the CPU per isolated request of nghttpd and of the EPP's health Check at the same rate.
 Floors (moderate rate): EPP CPU ≤ 20 µs/request, added p50 ≤ 0.5 ms, added p99 ≤ 2 ms.
 """
 import json
@@ -28,7 +29,16 @@ from extproc_benchlib import stack  # noqa: E402
 RATE = int(os.environ.get("BENCH_ENVOY_RATE", "500"))          # requests/s, moderate
 CONNS = int(os.environ.get("BENCH_ENVOY_CONNS", "16"))   # open-loop connection pool
 SAT_CONNS = int(os.environ.get("BENCH_ENVOY_SAT_CONNS", "32"))
+SWEEP_RATES = [int(x) for x in os.environ.get("BENCH_ENVOY_SWEEP", "250,1000").split(",") if x]
 FLOOR_CPU_US, FLOOR_P50_MS, FLOOR_P99_MS = 20.0, 0.5, 2.0
+
+
+def moderate_row(load, path, runs, p50, p90, p99, us, wk, gwus):
+    clean = all(r["clean"] for r in runs)
+    late = max(r["late_ms"] for r in runs)
+    return [load, path, f"{bl.median([r['rps'] for r in runs]):,.0f}", f"{p50:.3f}", f"{p90:.3f}", f"{p99:.3f}",
+            "-" if us is None else f"{us:.1f}", "-" if wk is None else f"{wk:.1f}", f"{gwus:.0f}",
+            ("yes" if clean else "NO") + (f" (sender late ≤{late:.1f} ms)" if late > 2 else "")]
 
 
 def main():
@@ -81,11 +91,13 @@ def main():
             ngd.stop()
             return out
 
-        def moderate(port):
-            cpu0, w0 = epp.cpu_seconds(), bl.wakeups(epp.pid)
-            r = bl.open_loop(port, body, hdrs, RATE, conns=CONNS)
+        def moderate(port, rate=RATE):
+            """One open-loop round: (summary, EPP CPU µs/req, EPP wake-ups/req, gateway Envoy CPU µs/req)."""
+            cpu0, w0, g0 = epp.cpu_seconds(), bl.wakeups(epp.pid), gw.cpu_seconds()
+            r = bl.open_loop(port, body, hdrs, rate, conns=CONNS)
             n = max(r["completed_total"], 1)
-            return r, (epp.cpu_seconds() - cpu0) * 1e6 / n, (bl.wakeups(epp.pid) - w0) / n
+            return (r, (epp.cpu_seconds() - cpu0) * 1e6 / n, (bl.wakeups(epp.pid) - w0) / n,
+                    (gw.cpu_seconds() - g0) * 1e6 / n)
 
         def saturation(port):
             out = []
@@ -103,34 +115,35 @@ def main():
         for _ in range(bl.ROUNDS):  # interleaved, so drifting machine load hits both paths alike
             for path, port in (("direct", direct_port), ("via EPP", gw_port)):
                 mod[path].append(moderate(port))
+        # How the EPP's cost per request moves with the rate: at low rates every message is its own wake-up.
+        sweep = [(rate, moderate(gw_port, rate)) for rate in SWEEP_RATES]
         sat = {path: saturation(port) for path, port in (("direct", direct_port), ("via EPP", gw_port))}
 
         med = lambda xs: bl.median(xs)
         rows = []
         summary = {}
         for path, runs in mod.items():
-            p50, p90, p99 = (med([r[k] for r, _, _ in runs]) for k in ("p50", "p90", "p99"))
-            us, wk = med([u for _, u, _ in runs]), med([w for _, _, w in runs])
-            clean = all(r["clean"] for r, _, _ in runs)
-            late = max(r["late_ms"] for r, _, _ in runs)
-            summary[path] = (p50, p99, us, wk)
-            rows.append([f"moderate {RATE}/s", path, f"{med([r['rps'] for r, _, _ in runs]):,.0f}", f"{p50:.3f}",
-                         f"{p90:.3f}", f"{p99:.3f}", f"{us:.1f}" if path == "via EPP" else "-",
-                         f"{wk:.1f}" if path == "via EPP" else "-",
-                         ("yes" if clean else "NO") + (f" (sender late ≤{late:.1f} ms)" if late > 2 else "")])
+            p50, p90, p99 = (med([x[0][k] for x in runs]) for k in ("p50", "p90", "p99"))
+            us, wk, gwus = (med([x[i] for x in runs]) for i in (1, 2, 3))
+            summary[path] = (p50, p99, us, wk, gwus)
+            rows.append(moderate_row(f"moderate {RATE}/s", path, [x[0] for x in runs], p50, p90, p99,
+                                     us if path == "via EPP" else None, wk if path == "via EPP" else None, gwus))
+        for rate, (r, us, wk, gwus) in sweep:
+            rows.append(moderate_row(f"open loop {rate}/s", "via EPP", [r], r["p50"], r["p90"], r["p99"], us, wk, gwus))
         for path, (r, us) in sat.items():
             rows.append([f"saturation c={SAT_CONNS}", path, f"{r.rps:,.0f}", "-", "-", "-",
-                         f"{us:.1f}" if path == "via EPP" else "-", "-", "yes" if r.clean else f"NO ({r.total - r.ok} bad)"])
+                         f"{us:.1f}" if path == "via EPP" else "-", "-", "-",
+                         "yes" if r.clean else f"NO ({r.total - r.ok} bad)"])
         print(bl.machine_note())
         print(f"\n(b) HTTP/1.1 through Envoy 1.40 (concurrency 1), backend = direct_response Envoy. Moderate: open-loop, "
               f"requests evenly spaced at {RATE}/s over {CONNS} keep-alive connections, latency from write to last "
               f"byte, median of {bl.ROUNDS} interleaved rounds × {bl.DURATION}s; saturation: h2load closed loop.")
         print(bl.table(["load", "path", "req/s", "p50 ms", "p90 ms", "p99 ms", "EPP CPU µs/req", "EPP wake-ups/req",
-                        "all 2xx"], rows))
+                        "gateway Envoy CPU µs/req", "all 2xx"], rows))
         print(f"\nper-wake-up reference on the picker's core, one request per wake-up at {RATE}/s (h2load, 1 connection):")
         print(bl.table(["server", "CPU µs/request", "wake-ups/request", "all OK"],
                        [[k, f"{u:.1f}", f"{w:.2f}", "yes" if c else "NO"] for k, (u, w, c) in ref.items()]))
-        (d50, d99, _, _), (e50, e99, us, wk) = summary["direct"], summary["via EPP"]
+        (d50, d99, _, _, gw_direct), (e50, e99, us, wk, gw_epp) = summary["direct"], summary["via EPP"]
         add50, add99 = e50 - d50, e99 - d99
         c_ref = next(iter(ref.values()))[0]
         print(f"\nmoderate {RATE}/s: added p50 {add50:.3f} ms (floor ≤ {FLOOR_P50_MS}) → {bl.verdict(add50 <= FLOOR_P50_MS)}; "
@@ -138,6 +151,9 @@ def main():
               f"EPP CPU {us:.1f} µs/req (floor ≤ {FLOOR_CPU_US}) → {bl.verdict(us <= FLOOR_CPU_US)}: "
               f"{wk:.1f} wake-ups/request × nghttpd's {c_ref:.1f} µs per isolated wake-up = {wk * c_ref:.0f} µs "
               f"would be a C server's cost for the same message pattern here")
+        print(f"gateway Envoy: {gw_direct:.0f} µs CPU per request direct, {gw_epp:.0f} via EPP — its ext_proc filter "
+              f"alone costs Envoy {gw_epp - gw_direct:.0f} µs per request on this machine, against the EPP's {us:.0f}; "
+              f"most of it lies on the request path, so it is part of the added latency whatever the server")
         (sd, _), (se, sus) = sat["direct"], sat["via EPP"]
         print(f"saturation: via EPP {se.rps:,.0f} req/s vs direct {sd.rps:,.0f} req/s (ratio {se.rps / max(sd.rps, 1):.2f}); "
               f"EPP CPU {sus:.1f} µs/req")
