@@ -12,12 +12,16 @@ BENCH_ENVOY_RATE/s and times each from write to last byte; h2load --rps is not u
 requests on a coarse timer and its latencies spread over ~0-10 ms whatever the server does. Saturation:
 h2load closed loop. Reports throughput, p50/p90/p99, added p50/p99 of the EPP path, EPP CPU µs and
 wake-ups per request, the EPP path at a few other rates (BENCH_ENVOY_SWEEP), and, as references for this
-machine, the gateway Envoy's own CPU per request on both paths (what its ext_proc filter costs Envoy) and
-the CPU per isolated request of nghttpd and of the EPP's health Check at the same rate.
+machine: a third path through the same gateway config to null_extproc.c, a C ext_proc server that does
+only what Envoy needs to go on (what it costs is the floor any server has here); the gateway Envoy's own
+CPU per request on each path (what its ext_proc filter costs Envoy); the CPU per isolated request of
+nghttpd and of the EPP's health Check at the same rate.
 Floors (moderate rate): EPP CPU ≤ 20 µs/request, added p50 ≤ 0.5 ms, added p99 ≤ 2 ms.
 """
 import json
 import os
+import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -31,6 +35,17 @@ CONNS = int(os.environ.get("BENCH_ENVOY_CONNS", "16"))   # open-loop connection 
 SAT_CONNS = int(os.environ.get("BENCH_ENVOY_SAT_CONNS", "32"))
 SWEEP_RATES = [int(x) for x in os.environ.get("BENCH_ENVOY_SWEEP", "250,1000").split(",") if x]
 FLOOR_CPU_US, FLOOR_P50_MS, FLOOR_P99_MS = 20.0, 0.5, 2.0
+
+
+def build_null_extproc():
+    """Compiles null_extproc.c (cc or the Swift toolchain's clang, against the system libnghttp2)."""
+    out = Path(tempfile.mkdtemp(prefix="bench-null-extproc-")) / "null_extproc"
+    src = Path(__file__).resolve().parent / "null_extproc.c"
+    compiler = shutil.which("cc") or shutil.which("clang") or shutil.which("gcc")
+    if not compiler:
+        raise RuntimeError("bench (b) needs a C compiler for null_extproc.c")
+    subprocess.run([compiler, "-O2", "-o", str(out), str(src), "-lnghttp2"], check=True)
+    return out
 
 
 def moderate_row(load, path, runs, p50, p90, p99, us, wk, gwus):
@@ -56,10 +71,21 @@ def main():
         body.write_bytes(json.dumps({"model": "opt-stable", "prompt": "Say hello to the benchmark.",
                                      "max_tokens": 5}).encode())
         hdrs = ["content-type: application/json", f"x-gateway-destination-endpoint: {backend_addr}"]
+        # The floor reference: the same gateway config in front of null_extproc.c, a C ext_proc server that
+        # does only what Envoy needs to go on, pinned to the picker's core.
+        null_port, null_gw_port = stack.free_port(), stack.free_port()
+        null = st.add(stack.Proc("null-extproc", [build_null_extproc(), null_port, backend_addr], st.logdir,
+                                 cpu=bl.SERVER_CPU))
+        stack.wait_tcp("127.0.0.1", null_port, proc=null)
+        null_gw = st.envoy(epp_port=null_port, port=null_gw_port, direct_port=stack.free_port(), concurrency=1,
+                           access_log=False, name="gateway-envoy-null")
+        paths = {"direct": (direct_port, None, gw), "via EPP": (gw_port, epp, gw),
+                 "via null ext_proc": (null_gw_port, null, null_gw)}
 
-        # Sanity: both paths answer 200 and the EPP path restores the alias.
+        # Sanity: every path answers 200 and the EPP path restores the alias.
         import http.client
-        for port, expect in ((direct_port, "facebook/opt-125m"), (gw_port, "opt-stable")):
+        for port, expect in ((direct_port, "facebook/opt-125m"), (gw_port, "opt-stable"),
+                             (null_gw_port, "facebook/opt-125m")):
             c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
             c.request("POST", "/v1/completions", body.read_bytes(), dict(h.split(": ", 1) for h in hdrs))
             r = c.getresponse()
@@ -91,13 +117,15 @@ def main():
             ngd.stop()
             return out
 
-        def moderate(port, rate=RATE):
-            """One open-loop round: (summary, EPP CPU µs/req, EPP wake-ups/req, gateway Envoy CPU µs/req)."""
-            cpu0, w0, g0 = epp.cpu_seconds(), bl.wakeups(epp.pid), gw.cpu_seconds()
+        def moderate(path, rate=RATE):
+            """One open-loop round: (summary, server CPU µs/req, server wake-ups/req, gateway Envoy CPU µs/req)."""
+            port, server, gateway = paths[path]
+            server = server or epp  # direct: the EPP's idle cost, as a check that nothing else runs there
+            cpu0, w0, g0 = server.cpu_seconds(), bl.wakeups(server.pid), gateway.cpu_seconds()
             r = bl.open_loop(port, body, hdrs, rate, conns=CONNS)
             n = max(r["completed_total"], 1)
-            return (r, (epp.cpu_seconds() - cpu0) * 1e6 / n, (bl.wakeups(epp.pid) - w0) / n,
-                    (gw.cpu_seconds() - g0) * 1e6 / n)
+            return (r, (server.cpu_seconds() - cpu0) * 1e6 / n, (bl.wakeups(server.pid) - w0) / n,
+                    (gateway.cpu_seconds() - g0) * 1e6 / n)
 
         def saturation(port):
             out = []
@@ -111,12 +139,12 @@ def main():
             return out[len(out) // 2]
 
         ref = isolated_reference()
-        mod = {"direct": [], "via EPP": []}
-        for _ in range(bl.ROUNDS):  # interleaved, so drifting machine load hits both paths alike
-            for path, port in (("direct", direct_port), ("via EPP", gw_port)):
-                mod[path].append(moderate(port))
+        mod = {path: [] for path in paths}
+        for _ in range(bl.ROUNDS):  # interleaved, so drifting machine load hits every path alike
+            for path in paths:
+                mod[path].append(moderate(path))
         # How the EPP's cost per request moves with the rate: at low rates every message is its own wake-up.
-        sweep = [(rate, moderate(gw_port, rate)) for rate in SWEEP_RATES]
+        sweep = [(rate, moderate("via EPP", rate)) for rate in SWEEP_RATES]
         sat = {path: saturation(port) for path, port in (("direct", direct_port), ("via EPP", gw_port))}
 
         med = lambda xs: bl.median(xs)
@@ -126,8 +154,9 @@ def main():
             p50, p90, p99 = (med([x[0][k] for x in runs]) for k in ("p50", "p90", "p99"))
             us, wk, gwus = (med([x[i] for x in runs]) for i in (1, 2, 3))
             summary[path] = (p50, p99, us, wk, gwus)
+            served = path != "direct"
             rows.append(moderate_row(f"moderate {RATE}/s", path, [x[0] for x in runs], p50, p90, p99,
-                                     us if path == "via EPP" else None, wk if path == "via EPP" else None, gwus))
+                                     us if served else None, wk if served else None, gwus))
         for rate, (r, us, wk, gwus) in sweep:
             rows.append(moderate_row(f"open loop {rate}/s", "via EPP", [r], r["p50"], r["p90"], r["p99"], us, wk, gwus))
         for path, (r, us) in sat.items():
@@ -138,12 +167,13 @@ def main():
         print(f"\n(b) HTTP/1.1 through Envoy 1.40 (concurrency 1), backend = direct_response Envoy. Moderate: open-loop, "
               f"requests evenly spaced at {RATE}/s over {CONNS} keep-alive connections, latency from write to last "
               f"byte, median of {bl.ROUNDS} interleaved rounds × {bl.DURATION}s; saturation: h2load closed loop.")
-        print(bl.table(["load", "path", "req/s", "p50 ms", "p90 ms", "p99 ms", "EPP CPU µs/req", "EPP wake-ups/req",
+        print(bl.table(["load", "path", "req/s", "p50 ms", "p90 ms", "p99 ms", "ext_proc CPU µs/req", "wake-ups/req",
                         "gateway Envoy CPU µs/req", "all 2xx"], rows))
         print(f"\nper-wake-up reference on the picker's core, one request per wake-up at {RATE}/s (h2load, 1 connection):")
         print(bl.table(["server", "CPU µs/request", "wake-ups/request", "all OK"],
                        [[k, f"{u:.1f}", f"{w:.2f}", "yes" if c else "NO"] for k, (u, w, c) in ref.items()]))
         (d50, d99, _, _, gw_direct), (e50, e99, us, wk, gw_epp) = summary["direct"], summary["via EPP"]
+        n50, n99, nus, nwk, _ = summary["via null ext_proc"]
         add50, add99 = e50 - d50, e99 - d99
         c_ref = next(iter(ref.values()))[0]
         print(f"\nmoderate {RATE}/s: added p50 {add50:.3f} ms (floor ≤ {FLOOR_P50_MS}) → {bl.verdict(add50 <= FLOOR_P50_MS)}; "
@@ -151,6 +181,10 @@ def main():
               f"EPP CPU {us:.1f} µs/req (floor ≤ {FLOOR_CPU_US}) → {bl.verdict(us <= FLOOR_CPU_US)}: "
               f"{wk:.1f} wake-ups/request × nghttpd's {c_ref:.1f} µs per isolated wake-up = {wk * c_ref:.0f} µs "
               f"would be a C server's cost for the same message pattern here")
+        print(f"null ext_proc (C, the least any server can do) on this machine: {nus:.1f} µs/req at {nwk:.1f} wake-ups, "
+              f"added p50 {n50 - d50:.3f} ms, added p99 {n99 - d99:.3f} ms — against the floors "
+              f"{'it meets them' if nus <= FLOOR_CPU_US and n50 - d50 <= FLOOR_P50_MS else 'no ext_proc server can meet them here'}; "
+              f"the EPP over it: +{us - nus:.1f} µs CPU, +{e50 - n50:.3f} ms p50, +{e99 - n99:.3f} ms p99")
         print(f"gateway Envoy: {gw_direct:.0f} µs CPU per request direct, {gw_epp:.0f} via EPP — its ext_proc filter "
               f"alone costs Envoy {gw_epp - gw_direct:.0f} µs per request on this machine, against the EPP's {us:.0f}; "
               f"most of it lies on the request path, so it is part of the added latency whatever the server")
