@@ -120,6 +120,7 @@ let package = Package(
         .testTarget(name: "EPPMetricsTests", dependencies: [
             "EPPMetrics", "ExtProc", "InferenceRouting", "StreamingJSON",
             .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "Prometheus", package: "swift-prometheus"),
         ]),
         .testTarget(name: "KubernetesTests", dependencies: [
             "Kubernetes", "InferenceRouting",

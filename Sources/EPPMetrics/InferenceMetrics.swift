@@ -8,7 +8,8 @@ import Prometheus
 ///
 /// Request-path cost: each request looks its label set up once in a small locked dictionary (no
 /// registry lookup, no allocation after the first request of a model/target pair) and bumps atomic
-/// counters or lock-protected histogram buckets. Everything else happens when Prometheus scrapes.
+/// counters and its seven histograms under one lock (`SeriesHistograms`). Everything else happens
+/// when Prometheus scrapes.
 public final class InferenceMetrics: ExtProcObserver, Sendable {
     public let registry: PrometheusCollectorRegistry
     private let poolName: String
@@ -44,17 +45,22 @@ public final class InferenceMetrics: ExtProcObserver, Sendable {
         if wasRouted { s.running.decrement() }
         s.requests.increment()
         s.rewriteDecisions?.increment()
-        s.requestSizes.record(Double(outcome.requestBodyBytes))
-        if wasRouted { s.pickDuration.record(outcome.pickDuration.seconds) }
+        var observed = RequestObservation()
+        observed[.requestSizes] = Double(outcome.requestBodyBytes)
+        if wasRouted { observed[.pickDuration] = outcome.pickDuration.seconds }
+        if case .completed = outcome.result {
+            observed[.duration] = outcome.duration.seconds
+            observed[.responseSizes] = Double(outcome.responseBodyBytes)
+            if let usage = outcome.usage {
+                observed[.inputTokens] = usage.promptTokens.map(Double.init)
+                observed[.outputTokens] = usage.completionTokens.map(Double.init)
+                observed[.cachedTokens] = usage.cachedTokens.map(Double.init)
+            }
+        }
+        s.histograms.record(observed)
         switch outcome.result {
         case .completed:
-            s.duration.record(outcome.duration.seconds)
-            s.responseSizes.record(Double(outcome.responseBodyBytes))
-            if let usage = outcome.usage {
-                if let n = usage.promptTokens { s.inputTokens.record(Double(n)) }
-                if let n = usage.completionTokens { s.outputTokens.record(Double(n)) }
-                if let n = usage.cachedTokens { s.cachedTokens.record(Double(n)) }
-            }
+            break
         case .refused(let status, _):
             errorCounter(s.key, code: Self.errorCode(status: status)).increment()
         case .protocolError:
@@ -87,6 +93,8 @@ public final class InferenceMetrics: ExtProcObserver, Sendable {
         var out: [UInt8] = []
         out.reserveCapacity(16 << 10)
         registry.emit(into: &out)
+        let all = series.withLockedValue { table in table.values.map(\.histograms) }
+        SeriesHistograms.emit(all.sorted { $0.renderedLabels.lexicographicallyPrecedes($1.renderedLabels) }, into: &out)
         return out
     }
 
@@ -126,13 +134,7 @@ private final class Series: Sendable {
     let running: Gauge
     let requests: Counter
     let rewriteDecisions: Counter?
-    let duration: ValueHistogram
-    let pickDuration: ValueHistogram
-    let requestSizes: ValueHistogram
-    let responseSizes: ValueHistogram
-    let inputTokens: ValueHistogram
-    let outputTokens: ValueHistogram
-    let cachedTokens: ValueHistogram
+    let histograms: SeriesHistograms
 
     init(_ key: SeriesKey, running: Gauge, registry r: PrometheusCollectorRegistry) {
         self.key = key
@@ -145,27 +147,7 @@ private final class Series: Sendable {
                 "Counter of InferenceModelRewrite decisions: which rule sent a model to which target."),
                 labels: [("model_rewrite_name", $0), ("model_name", key.model), ("target_model", key.target)])
         }
-        // Durations as Double seconds: the same exposition as a DurationHistogram, cheaper to record.
-        duration = r.makeValueHistogram(descriptor: metric("inference_objective_request_duration_seconds",
-            "Inference objective response latency distribution in seconds for each model and target model."),
-            labels: labels, buckets: Buckets.requestDuration)
-        pickDuration = r.makeValueHistogram(descriptor: metric("inference_extension_scheduler_e2e_duration_seconds",
-            "End-to-end scheduling latency distribution in seconds."), labels: labels, buckets: Buckets.pickDuration)
-        requestSizes = r.makeValueHistogram(descriptor: metric("inference_objective_request_sizes",
-            "Inference objective requests size distribution in bytes for each model and target model."),
-            labels: labels, buckets: Buckets.sizes)
-        responseSizes = r.makeValueHistogram(descriptor: metric("inference_objective_response_sizes",
-            "Inference objective responses size distribution in bytes for each model and target model."),
-            labels: labels, buckets: Buckets.sizes)
-        inputTokens = r.makeValueHistogram(descriptor: metric("inference_objective_input_tokens",
-            "Inference objective input token count distribution for requests in each model."),
-            labels: labels, buckets: Buckets.tokens)
-        outputTokens = r.makeValueHistogram(descriptor: metric("inference_objective_output_tokens",
-            "Inference objective output token count distribution for requests in each model."),
-            labels: labels, buckets: Buckets.tokens)
-        cachedTokens = r.makeValueHistogram(descriptor: metric("inference_objective_prompt_cached_tokens",
-            "Inference objective prompt cached token count distribution for requests in each model."),
-            labels: labels, buckets: Buckets.tokens)
+        histograms = SeriesHistograms(labels: labels)
     }
 }
 
