@@ -392,25 +392,50 @@ final class ProcessStream: GRPCStreamHandler {
 
     /// Sends every held chunk, with the model value spliced, as ≤ 62,000-byte pieces.
     private func flushHeld(endOfStream: Bool, _ stream: GRPCServerStream) {
-        let body = takeHeld()
-        sendRequestBody(body, endOfStream: endOfStream, stream)
+        let (length, splice) = heldPlan()
+        if length <= WireNames.maxBodyChunk && (splice != nil || held.count > 1) {
+            // One reply: the pieces go straight into its frame, with no joined copy in between.
+            stream.sendFramed(ReplyEncoding.streamedBody(count: length, endOfStream: endOfStream, request: true) { out in
+                writeHeld(splice, into: &out)
+            })
+            dropHeld()
+            return
+        }
+        sendRequestBody(takeHeld(), endOfStream: endOfStream, stream)
+    }
+
+    /// Length of the held body once the model value is replaced, and the replacement when the
+    /// value lies in the held bytes.
+    private func heldPlan() -> (length: Int, splice: (range: Range<Int>, bytes: [UInt8])?) {
+        let total = held.reduce(0) { $0 + $1.readableBytes }
+        guard let replacement = modelReplacement, let range = scanner.modelRange,
+              range.lowerBound >= heldOffset, range.upperBound <= heldOffset + total else {
+            return (total, nil)
+        }
+        return (total - range.count + replacement.count, (range, replacement))
+    }
+
+    private func dropHeld() {
+        for c in held { heldOffset += c.readableBytes }
+        held.removeAll(keepingCapacity: true)
     }
 
     /// The held chunks as one body with the model value replaced.
     private func takeHeld() -> ByteBuffer {
-        defer {
-            for c in held { heldOffset += c.readableBytes }
-            held.removeAll(keepingCapacity: true)
-        }
-        let total = held.reduce(0) { $0 + $1.readableBytes }
-        guard let replacement = modelReplacement, let range = scanner.modelRange,
-              range.lowerBound >= heldOffset, range.upperBound <= heldOffset + total else {
-            if held.count == 1 { return held[0] }
-            var out = ProtobufAllocator.allocator.buffer(capacity: total)
+        defer { dropHeld() }
+        let (length, splice) = heldPlan()
+        if splice == nil && held.count == 1 { return held[0] }
+        var out = ProtobufAllocator.allocator.buffer(capacity: length)
+        writeHeld(splice, into: &out)
+        return out
+    }
+
+    /// Appends the held chunks to `out`: bytes before the model value, the replacement once, bytes after it.
+    private func writeHeld(_ splice: (range: Range<Int>, bytes: [UInt8])?, into out: inout ByteBuffer) {
+        guard let (range, replacement) = splice else {
             for var c in held { out.writeBuffer(&c) }
-            return out
+            return
         }
-        var out = ProtobufAllocator.allocator.buffer(capacity: total - range.count + replacement.count)
         var offset = heldOffset
         var inserted = false
         for chunk in held {
@@ -430,7 +455,6 @@ final class ProcessStream: GRPCStreamHandler {
                 out.writeBuffer(&piece)
             }
         }
-        return out
     }
 
     private func sendRequestBody(_ body: ByteBuffer, endOfStream: Bool, _ stream: GRPCServerStream) {
@@ -481,14 +505,21 @@ final class ProcessStream: GRPCStreamHandler {
         responseBytes += chunk.readableBytes
         chunk.withUnsafeReadableBytes { rewriter!.process($0, into: &segments) }
         if body.endOfStream { rewriter!.finish(into: &segments) }
-        let out = assemble(chunk)
         switch responseMode {
         case .fullDuplexStreamed:
-            if out.readableBytes == 0 && !body.endOfStream { break }
-            sendStreamed(out, endOfStream: body.endOfStream, request: false, stream)
+            let length = assembledLength(chunk)
+            if length == 0 && !body.endOfStream { break }
+            if length <= WireNames.maxBodyChunk && !isChunkItself(chunk) {
+                // One reply: the rewritten pieces go straight into its frame.
+                stream.sendFramed(ReplyEncoding.streamedBody(count: length, endOfStream: body.endOfStream, request: false) { out in
+                    writeSegments(of: chunk, into: &out)
+                })
+            } else {
+                sendStreamed(assemble(chunk), endOfStream: body.endOfStream, request: false, stream)
+            }
         default:
             let unchanged = segments.count == 1 && segments[0] == .input(0..<chunk.readableBytes)
-            stream.send(Replies.bodyReplace(unchanged ? nil : Data(out.readableBytesView), request: false))
+            stream.send(Replies.bodyReplace(unchanged ? nil : Data(assemble(chunk).readableBytesView), request: false))
         }
         if body.endOfStream { finishResponse(stream) }
     }
@@ -500,10 +531,33 @@ final class ProcessStream: GRPCStreamHandler {
         return .passthrough
     }
 
+    /// Whether the rewriter's output is exactly the chunk (nothing changed, nothing held).
+    private func isChunkItself(_ chunk: ByteBuffer) -> Bool {
+        if segments.count == 1, case .input(let r) = segments[0], r == 0..<chunk.readableBytes { return true }
+        return false
+    }
+
+    /// Bytes of the rewriter's output for `chunk`.
+    private func assembledLength(_ chunk: ByteBuffer) -> Int {
+        var n = 0
+        for s in segments {
+            switch s {
+            case .input(let r): n += r.count
+            case .bytes(let b): n += b.count
+            }
+        }
+        return n
+    }
+
     /// Joins rewriter output: the chunk itself when nothing changed (no copy).
     private func assemble(_ chunk: ByteBuffer) -> ByteBuffer {
-        if segments.count == 1, case .input(let r) = segments[0], r == 0..<chunk.readableBytes { return chunk }
+        if isChunkItself(chunk) { return chunk }
         var out = ProtobufAllocator.allocator.buffer(capacity: chunk.readableBytes + 64)
+        writeSegments(of: chunk, into: &out)
+        return out
+    }
+
+    private func writeSegments(of chunk: ByteBuffer, into out: inout ByteBuffer) {
         for s in segments {
             switch s {
             case .input(let r):
@@ -512,7 +566,6 @@ final class ProcessStream: GRPCStreamHandler {
                 out.writeBytes(b)
             }
         }
-        return out
     }
 
     private func onResponseTrailers(_ stream: GRPCServerStream) {

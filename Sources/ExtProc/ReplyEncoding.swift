@@ -83,7 +83,16 @@ enum ReplyEncoding {
     /// A FULL_DUPLEX_STREAMED body piece: ProcessingResponse{request_body|response_body{response{
     /// body_mutation{streamed_response{body, end_of_stream}}}}}. The body is copied once, into the frame.
     static func streamedBody(_ body: ByteBuffer, endOfStream: Bool, request: Bool) -> ByteBuffer {
-        let count = body.readableBytes
+        streamedBody(count: body.readableBytes, endOfStream: endOfStream, request: request) { out in
+            var body = body
+            out.writeBuffer(&body)
+        }
+    }
+
+    /// The same with the body written by `writeBody`, which must append exactly `count` bytes (so
+    /// pieces of several buffers go into the frame without being joined first).
+    static func streamedBody(count: Int, endOfStream: Bool, request: Bool,
+                             writeBody: (inout ByteBuffer) -> Void) -> ByteBuffer {
         let bodyField = count == 0 ? 0 : 1 + varintSize(count) + count
         let streamed = bodyField + (endOfStream ? 2 : 0)
         let mutation = 1 + varintSize(streamed) + streamed
@@ -100,8 +109,9 @@ enum ReplyEncoding {
             if count > 0 { w.open(1, count) }      // StreamedBodyResponse.body
         }
         if count > 0 {
-            var body = body
-            b.writeBuffer(&body)
+            let before = b.writerIndex
+            writeBody(&b)
+            precondition(b.writerIndex - before == count, "body of \(b.writerIndex - before) bytes, \(count) announced")
         }
         if endOfStream {
             b.writeInteger(UInt16(0x1001))     // StreamedBodyResponse.end_of_stream = true
