@@ -111,7 +111,7 @@ let package = Package(
             .product(name: "NIOEmbedded", package: "swift-nio"),
         ]),
         .testTarget(name: "StreamingJSONTests", dependencies: ["StreamingJSON"]),
-        .testTarget(name: "InferenceRoutingTests", dependencies: ["InferenceRouting"]),
+        .testTarget(name: "InferenceRoutingTests", dependencies: ["InferenceRouting", "StreamingJSON"]),
         .testTarget(name: "ExtProcTests", dependencies: [
             "ExtProc", "Protos", "InferenceRouting", "StreamingJSON",
             .product(name: "NIOCore", package: "swift-nio"),

@@ -48,6 +48,9 @@ final class ProcessStream: GRPCStreamHandler {
     private var endpoint: EndpointRecord?
     /// Bytes replacing the model value (with quotes), when the model changes.
     private var modelReplacement: [UInt8]?
+    /// JSON literals of the target and the requested model when the rules had them encoded already.
+    private var quotedTarget: [UInt8]?
+    private var quotedClientModel: [UInt8]?
 
     // Response side
     private var rewriter: ResponseModelRewriter?
@@ -337,11 +340,13 @@ final class ProcessStream: GRPCStreamHandler {
             if let decision = snapshot.rules.decide(model: model, affinity: key, using: &rng) {
                 target = decision.targetModel
                 rewriteName = decision.rewriteName
+                quotedTarget = decision.quotedTargetModel
+                quotedClientModel = decision.quotedModel
             }
         }
         targetModel = target
         if let model, let target, target != model, scanner.modelRange != nil {
-            modelReplacement = JSONStringEncoding.quoted(target)
+            modelReplacement = quotedTarget ?? JSONStringEncoding.quoted(target)
         }
     }
 
@@ -481,11 +486,11 @@ final class ProcessStream: GRPCStreamHandler {
         } catch {
             return protocolViolation("malformed response headers: \(error)", stream)
         }
-        var replacement: String?
+        var replacement: [UInt8]?
         if configuration.restoreModelAlias, let client = clientModel, let target = targetModel, client != target {
-            replacement = client
+            replacement = quotedClientModel ?? JSONStringEncoding.quoted(client)
         }
-        rewriter = ResponseModelRewriter(mode: mode, replacement: replacement)
+        rewriter = ResponseModelRewriter(mode: mode, quotedReplacement: replacement)
         var changes = ReplyEncoding.HeaderChanges()
         if let target = targetModel {
             changes.setHeaders.append((WireNames.targetModelHeader, target))

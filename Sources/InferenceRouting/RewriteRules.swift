@@ -1,3 +1,5 @@
+import StreamingJSON
+
 /// The key that makes a weighted split sticky (e.g. a user or session id).
 public struct AffinityKey: Sendable, Hashable {
     public var value: String
@@ -10,9 +12,22 @@ public struct RewriteDecision: Sendable, Equatable {
     /// `namespace/name` of the InferenceModelRewrite that decided.
     public var rewriteName: String
     public var targetModel: String
-    public init(rewriteName: String, targetModel: String) {
+    /// `targetModel` as a JSON string literal, encoded once when the rules were compiled.
+    public var quotedTargetModel: [UInt8]
+    /// The requested model as a JSON string literal when an Exact rule matched it (known at
+    /// compile time too); nil for a match-all rule.
+    public var quotedModel: [UInt8]?
+
+    public init(rewriteName: String, targetModel: String, quotedTargetModel: [UInt8]? = nil, quotedModel: [UInt8]? = nil) {
         self.rewriteName = rewriteName
         self.targetModel = targetModel
+        self.quotedTargetModel = quotedTargetModel ?? JSONStringEncoding.quoted(targetModel)
+        self.quotedModel = quotedModel
+    }
+
+    /// Decisions are equal when they name the same rewrite and target (the encodings follow).
+    public static func == (a: RewriteDecision, b: RewriteDecision) -> Bool {
+        a.rewriteName == b.rewriteName && a.targetModel == b.targetModel
     }
 }
 
@@ -85,6 +100,10 @@ public struct RewriteRules: Sendable {
     struct CompiledRule: Sendable {
         let rewriteName: String
         let targets: [String]
+        /// `targets` as JSON string literals (what the request body gets).
+        let quotedTargets: [[UInt8]]
+        /// The Exact match value this entry was stored under, quoted; nil for match-all.
+        var quotedMatch: [UInt8]? = nil
         /// Cumulative weights; last = total.
         let cumulative: [UInt64]
         /// FNV-1a state after `identity ‖ 0x00`, so per-request hashing covers only the key.
@@ -159,7 +178,9 @@ public struct RewriteRules: Sendable {
                 for t in targets { sum += UInt64(t.weight ?? 1); cum.append(sum) }
                 let identity = "\(name)#\(idx)"
                 let seed = StickyHash.fnv1a([0], seed: StickyHash.fnv1a(identity.utf8))
-                let cr = CompiledRule(rewriteName: name, targets: targets.map(\.modelRewrite), cumulative: cum, hashSeed: seed)
+                let names = targets.map(\.modelRewrite)
+                let cr = CompiledRule(rewriteName: name, targets: names, quotedTargets: names.map { JSONStringEncoding.quoted($0) },
+                                      cumulative: cum, hashSeed: seed)
                 let values = rule.matches.map { $0.map(\.model.value) }
                 compiled.append((cr, (values?.isEmpty ?? true) ? nil : values))
             }
@@ -176,7 +197,9 @@ public struct RewriteRules: Sendable {
                             continue
                         }
                         owner[m] = name
-                        exact[m] = rule
+                        var entry = rule
+                        entry.quotedMatch = JSONStringEncoding.quoted(m)
+                        exact[m] = entry
                     }
                 } else {
                     total += 1
@@ -208,7 +231,7 @@ public struct RewriteRules: Sendable {
     public func decide(model: String, affinity: AffinityKey?, using rng: inout some RandomNumberGenerator) -> RewriteDecision? {
         guard let rule = exact[model] ?? matchAll else { return nil }
         let n = rule.targets.count
-        if n == 1 { return RewriteDecision(rewriteName: rule.rewriteName, targetModel: rule.targets[0]) }
+        if n == 1 { return decision(rule, 0) }
         let total = rule.total
         let r: UInt64
         if let affinity {
@@ -218,7 +241,12 @@ public struct RewriteRules: Sendable {
         }
         var i = 0
         while i < n - 1 && r >= rule.cumulative[i] { i += 1 }
-        return RewriteDecision(rewriteName: rule.rewriteName, targetModel: rule.targets[i])
+        return decision(rule, i)
+    }
+
+    private func decision(_ rule: CompiledRule, _ i: Int) -> RewriteDecision {
+        RewriteDecision(rewriteName: rule.rewriteName, targetModel: rule.targets[i], quotedTargetModel: rule.quotedTargets[i],
+                        quotedModel: rule.quotedMatch)
     }
 }
 

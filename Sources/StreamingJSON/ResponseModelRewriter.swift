@@ -61,8 +61,13 @@ public struct ResponseModelRewriter: Sendable {
     private let maxHeldBytes: Int
 
     public init(mode: Mode, replacement: String?, maxHeldBytes: Int = 4096) {
+        self.init(mode: mode, quotedReplacement: replacement.map { JSONStringEncoding.quoted($0) }, maxHeldBytes: maxHeldBytes)
+    }
+
+    /// `quotedReplacement` is the replacement already encoded as a JSON string literal, quotes included.
+    public init(mode: Mode, quotedReplacement: [UInt8]?, maxHeldBytes: Int = 4096) {
         self.mode = mode
-        self.replacement = replacement.map { JSONStringEncoding.quoted($0) }
+        self.replacement = quotedReplacement
         self.maxHeldBytes = maxHeldBytes
         self.passthrough = mode == .passthrough
         if mode != .passthrough {

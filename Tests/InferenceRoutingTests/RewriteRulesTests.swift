@@ -1,5 +1,6 @@
 import XCTest
 @testable import InferenceRouting
+import StreamingJSON
 
 struct SplitMix64: RandomNumberGenerator {
     var state: UInt64
@@ -44,6 +45,24 @@ final class RewriteRulesTests: XCTestCase {
         XCTAssertTrue(newer.accepted) // "b" is still in force
         XCTAssertTrue(newer.message.contains("a (by default/older)"))
         XCTAssertEqual(rules.validations.first { $0.resource == "default/older" }?.reason, "Accepted")
+    }
+
+    /// The JSON literals a decision carries are encoded when the rules compile; they must equal
+    /// what encoding the names per request gives (escapes included).
+    func testDecisionsCarryTheNamesAsJSONLiterals() {
+        let rules = RewriteRules([
+            rewrite("exact", [rule(["al\"ias\u{1}"], [("tar\\get/é", 1), ("other", 1)])]),
+            rewrite("all", [rule(nil, [("fallback", nil)])]),
+        ], poolName: "pool")
+        for _ in 0..<20 {
+            let d = rules.decide(model: "al\"ias\u{1}", affinity: nil, using: &rng)!
+            XCTAssertEqual(d.quotedTargetModel, JSONStringEncoding.quoted(d.targetModel))
+            XCTAssertEqual(d.quotedModel, JSONStringEncoding.quoted("al\"ias\u{1}"))
+            XCTAssertEqual(String(decoding: d.quotedModel!, as: UTF8.self), #""al\"ias\u0001""#)
+        }
+        let all = rules.decide(model: "anything", affinity: nil, using: &rng)!
+        XCTAssertEqual(all.quotedTargetModel, Array(#""fallback""#.utf8))
+        XCTAssertNil(all.quotedModel, "a match-all rule does not know the requested name in advance")
     }
 
     func testTiesAndStableRuleOrder() {
