@@ -357,7 +357,9 @@ public final class HTTP2ServerSession {
 
 /// Per-stream outbound queue.
 private final class OutboundStream {
-    var queue = CircularBuffer<ByteBuffer>(initialCapacity: 4)
+    /// Room for the four replies of an ext_proc exchange queued in one read without regrowth
+    /// (CircularBuffer doubles as soon as it is full).
+    var queue = CircularBuffer<ByteBuffer>(initialCapacity: 8)
     var queuedBytes = 0
     /// Bytes announced to nghttp2 by the read callback but not yet taken by the send callback.
     var promised = 0
