@@ -38,7 +38,7 @@ enum Replies {
     static func mutation(_ changes: ReplyEncoding.HeaderChanges) -> HeaderMutation {
         var mutation = HeaderMutation()
         for (key, value) in changes.setHeaders { mutation.setHeaders.append(setHeader(key, value)) }
-        mutation.removeHeaders = Array(changes.removeHeaders)
+        mutation.removeHeaders = changes.removeHeaders
         return mutation
     }
 

@@ -11,8 +11,8 @@ import NIOCore
 enum ReplyEncoding {
     /// Header fields set with `raw_value` and OVERWRITE_IF_EXISTS_OR_ADD, and names to remove.
     struct HeaderChanges {
-        var setHeaders = InlineList<(String, String)>()
-        var removeHeaders = InlineList<String>()
+        var setHeaders: [(String, String)] = []
+        var removeHeaders: [String] = []
         var isEmpty: Bool { setHeaders.isEmpty && removeHeaders.isEmpty }
     }
 
@@ -180,56 +180,6 @@ extension ByteBuffer {
             return partLength
         }
     }
-}
-
-/// A list that keeps its first four elements inline: a reply's header changes (one to three
-/// entries) then cost no allocation.
-struct InlineList<Element>: Sequence, ExpressibleByArrayLiteral {
-    private var e0: Element?, e1: Element?, e2: Element?, e3: Element?
-    private var more: [Element] = []
-    private(set) var count = 0
-
-    init() {}
-
-    init(arrayLiteral elements: Element...) {
-        for e in elements { append(e) }
-    }
-
-    var isEmpty: Bool { count == 0 }
-
-    mutating func append(_ element: Element) {
-        switch count {
-        case 0: e0 = element
-        case 1: e1 = element
-        case 2: e2 = element
-        case 3: e3 = element
-        default: more.append(element)
-        }
-        count += 1
-    }
-
-    subscript(_ i: Int) -> Element {
-        precondition(i >= 0 && i < count, "index out of range")
-        switch i {
-        case 0: return e0!
-        case 1: return e1!
-        case 2: return e2!
-        case 3: return e3!
-        default: return more[i - 4]
-        }
-    }
-
-    struct Iterator: IteratorProtocol {
-        let list: InlineList
-        var index = 0
-        mutating func next() -> Element? {
-            guard index < list.count else { return nil }
-            defer { index += 1 }
-            return list[index]
-        }
-    }
-
-    func makeIterator() -> Iterator { Iterator(list: self) }
 }
 
 enum ProtobufAllocator {

@@ -77,16 +77,3 @@ final class RequestClassificationTests: XCTestCase {
         XCTAssertEqual(mode(""), .passthrough)
     }
 }
-
-final class InlineListTests: XCTestCase {
-    func testKeepsOrderInlineAndBeyond() {
-        var list = InlineList<String>()
-        XCTAssertTrue(list.isEmpty)
-        for n in 0..<9 {
-            list.append("h\(n)")
-            XCTAssertEqual(Array(list), (0...n).map { "h\($0)" })
-            XCTAssertEqual(list.count, n + 1)
-            XCTAssertEqual(list[n], "h\(n)")
-        }
-    }
-}
