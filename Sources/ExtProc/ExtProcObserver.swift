@@ -46,8 +46,9 @@ public struct RequestOutcome: Sendable {
 }
 
 /// Receives request outcomes (e.g. to export metrics). Called on the connection's event loop, on
-/// the request path: implementations must not block and should do O(1) work.
-public protocol ExtProcObserver: Sendable {
+/// the request path: implementations must not block and should do O(1) work. Class-bound, so a
+/// stream holds it as one reference (copying a protocol existential per use showed in profiles).
+public protocol ExtProcObserver: AnyObject, Sendable {
     /// A request was routed to an endpoint (it is now running until `requestEnded`). What this
     /// returns (e.g. the metric series it looked up) is handed back to `requestEnded`, so a request
     /// costs one lookup however many things are recorded.

@@ -19,6 +19,8 @@ final class ProcessStream: GRPCStreamHandler {
     private let state: RoutingState
     private let logger: Logger
     private let observer: (any ExtProcObserver)?
+    /// The logger's level checked once: reading it goes through the handler existential.
+    private let debugLogging: Bool
     private var rng = FastRandom()
 
     private var snapshot: RoutingSnapshot?
@@ -69,6 +71,7 @@ final class ProcessStream: GRPCStreamHandler {
         self.state = state
         self.logger = logger
         self.observer = observer
+        debugLogging = logger.logLevel <= .debug
         var scan = RequestBodyScanner.Configuration()
         if case .bodyField(let field) = configuration.affinity { scan.affinityField = field }
         scanner = RequestBodyScanner(configuration: scan)
@@ -377,7 +380,7 @@ final class ProcessStream: GRPCStreamHandler {
             let newLength = length - range.count + replacement.count
             changes.setHeaders.append(("content-length", String(newLength)))
         }
-        if logger.logLevel <= .debug {
+        if debugLogging {
             logger.debug("routed", metadata: [
                 "request-id": "\(info.requestID ?? generatedRequestID ?? "")", "model": "\(clientModel ?? "")",
                 "target-model": "\(targetModel ?? "")", "rewrite": "\(rewriteName ?? "")", "endpoint": "\(address)",
@@ -591,7 +594,7 @@ final class ProcessStream: GRPCStreamHandler {
     /// considers open when the HTTP request ends, and a server counts every incoming RST_STREAM
     /// against its rapid-reset budget; a stream we already finished needs no reset.
     private func finishResponse(_ stream: GRPCServerStream) {
-        if let usage = rewriter?.usage, logger.logLevel <= .debug {
+        if debugLogging, let usage = rewriter?.usage {
             logger.debug("response complete", metadata: [
                 "request-id": "\(info.requestID ?? generatedRequestID ?? "")",
                 "prompt-tokens": "\(usage.promptTokens ?? -1)", "completion-tokens": "\(usage.completionTokens ?? -1)",
