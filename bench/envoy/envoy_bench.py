@@ -118,12 +118,15 @@ def main():
             return out
 
         def moderate(path, rate=RATE):
-            """One open-loop round: (summary, server CPU µs/req, server wake-ups/req, gateway Envoy CPU µs/req)."""
+            """One open-loop round: (summary, server CPU µs/req, server wake-ups/req, gateway Envoy CPU µs/req);
+            the server figures are None on the direct path."""
             port, server, gateway = paths[path]
-            server = server or epp  # direct: the EPP's idle cost, as a check that nothing else runs there
-            cpu0, w0, g0 = server.cpu_seconds(), bl.wakeups(server.pid), gateway.cpu_seconds()
+            cpu0, w0 = (server.cpu_seconds(), bl.wakeups(server.pid)) if server else (0, 0)
+            g0 = gateway.cpu_seconds()
             r = bl.open_loop(port, body, hdrs, rate, conns=CONNS)
             n = max(r["completed_total"], 1)
+            if not server:
+                return r, None, None, (gateway.cpu_seconds() - g0) * 1e6 / n
             return (r, (server.cpu_seconds() - cpu0) * 1e6 / n, (bl.wakeups(server.pid) - w0) / n,
                     (gateway.cpu_seconds() - g0) * 1e6 / n)
 
@@ -152,11 +155,11 @@ def main():
         summary = {}
         for path, runs in mod.items():
             p50, p90, p99 = (med([x[0][k] for x in runs]) for k in ("p50", "p90", "p99"))
-            us, wk, gwus = (med([x[i] for x in runs]) for i in (1, 2, 3))
-            summary[path] = (p50, p99, us, wk, gwus)
             served = path != "direct"
-            rows.append(moderate_row(f"moderate {RATE}/s", path, [x[0] for x in runs], p50, p90, p99,
-                                     us if served else None, wk if served else None, gwus))
+            us, wk = (med([x[i] for x in runs]) for i in (1, 2)) if served else (None, None)
+            gwus = med([x[3] for x in runs])
+            summary[path] = (p50, p99, us, wk, gwus)
+            rows.append(moderate_row(f"moderate {RATE}/s", path, [x[0] for x in runs], p50, p90, p99, us, wk, gwus))
         for rate, (r, us, wk, gwus) in sweep:
             rows.append(moderate_row(f"open loop {rate}/s", "via EPP", [r], r["p50"], r["p90"], r["p99"], us, wk, gwus))
         for path, (r, us) in sat.items():
