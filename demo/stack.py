@@ -186,6 +186,7 @@ class Stack:
         p.grpc_port, p.health_port, p.metrics_port = grpc_port, health_port, metrics_port
         p.address = f"127.0.0.1:{grpc_port}"
         wait_tcp("127.0.0.1", grpc_port, proc=p)
+        wait_tcp("127.0.0.1", metrics_port, proc=p)  # opened first by the EPP; checked so a scrape never races it
         return p
 
     def envoy(self, epp_port=None, port=None, direct_port=None, backend_port=None, concurrency=2,

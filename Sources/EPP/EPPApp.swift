@@ -58,6 +58,12 @@ final class EPPApp: Sendable {
         var healthOnly = GRPCServer.Configuration(host: options.bindAddress, port: options.grpcHealthPort, services: [HealthService(store: health)])
         healthOnly.tls = tls
 
+        // Metrics first: once the ext_proc port accepts, every listener is up (probes and tests rely on it).
+        var metricsServer: MetricsServer?
+        if let metrics {
+            metricsServer = try await MetricsServer.start(host: options.bindAddress, port: options.metricsPort, group: group,
+                                                          logger: logger, exposition: metrics.exposition)
+        }
         var servers: [GRPCServer] = []
         for (name, config) in [("ext_proc", main), ("health", healthOnly)] {
             let server = try await GRPCServer.start(configuration: config, group: group, logger: logger)
@@ -66,11 +72,6 @@ final class EPPApp: Sendable {
                 "listener": "\(name)", "address": "\(server.localAddress.map { "\($0)" } ?? "?")",
                 "tls": "\(tls != nil)",
             ])
-        }
-        var metricsServer: MetricsServer?
-        if let metrics {
-            metricsServer = try await MetricsServer.start(host: options.bindAddress, port: options.metricsPort, group: group,
-                                                          logger: logger, exposition: metrics.exposition)
         }
         source.start()
         return EPPApp(servers: servers, metricsServer: metricsServer, health: health, logger: logger,

@@ -147,7 +147,7 @@ class EppProcess:
             if self.proc.poll() is not None:
                 pytest.fail(f"epp exited early with {self.proc.returncode}; args {self.args}\n{self.log_tail()}",
                             pytrace=False)
-            if port_accepts(self.grpc_port) and port_accepts(self.health_port):
+            if port_accepts(self.grpc_port) and port_accepts(self.health_port) and self._metrics_up():
                 break
             time.sleep(0.05)
         else:
@@ -161,6 +161,13 @@ class EppProcess:
             pem = fetch_served_cert_pem(self.grpc_port)
             self.root_pem = pem.encode()
             self.target_name = cert_target_name(pem)
+
+    def _metrics_up(self) -> bool:
+        # The EPP opens the metrics listener before the gRPC ones; checked too so a scrape never races it.
+        if any(a == "--metrics-port=0" for a in self.args) or \
+                any(a == "--metrics-port" and b == "0" for a, b in zip(self.args, self.args[1:])):
+            return True
+        return port_accepts(self.metrics_port)
 
     def alive(self) -> bool:
         return self.proc.poll() is None
