@@ -10,6 +10,7 @@
 //   InferenceRouting        picking domain: rewrite rules, objectives, endpoints, manifests
 //   ExtProc                 the Process stream state machine tying the above together
 //   Kubernetes              API client, reflectors, status writer, leader election
+//   ModelServerMetrics      scrapes each model server's /metrics (vLLM load) for the picker
 //   EPPMetrics              Prometheus metrics of the request path and the /metrics listener
 //   EPP + epp               assembly and the executable
 import PackageDescription
@@ -81,8 +82,15 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
             .product(name: "Yams", package: "Yams"),
         ]),
+        .target(name: "ModelServerMetrics", dependencies: [
+            "InferenceRouting",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "NIOHTTP1", package: "swift-nio"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
         .target(name: "EPPMetrics", dependencies: [
-            "ExtProc",
+            "ExtProc", "InferenceRouting",
             .product(name: "Prometheus", package: "swift-prometheus"),
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
@@ -91,7 +99,8 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: hotPath),
         .target(name: "EPP", dependencies: [
-            "GRPCServer", "ExtProc", "EPPMetrics", "InferenceRouting", "Kubernetes", "OpenSSLTLS", "StreamingJSON",
+            "GRPCServer", "ExtProc", "EPPMetrics", "InferenceRouting", "Kubernetes", "ModelServerMetrics", "OpenSSLTLS",
+            "StreamingJSON",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
@@ -112,6 +121,14 @@ let package = Package(
         ]),
         .testTarget(name: "StreamingJSONTests", dependencies: ["StreamingJSON"]),
         .testTarget(name: "InferenceRoutingTests", dependencies: ["InferenceRouting", "StreamingJSON"]),
+        .testTarget(name: "ModelServerMetricsTests", dependencies: [
+            "ModelServerMetrics", "InferenceRouting",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "NIOHTTP1", package: "swift-nio"),
+            .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
         .testTarget(name: "ExtProcTests", dependencies: [
             "ExtProc", "Protos", "InferenceRouting", "StreamingJSON",
             .product(name: "NIOCore", package: "swift-nio"),

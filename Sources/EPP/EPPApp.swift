@@ -5,6 +5,7 @@ import InferenceRouting
 import Foundation
 import GRPCServer
 import Logging
+import ModelServerMetrics
 import NIOCore
 import NIOPosix
 
@@ -17,10 +18,13 @@ final class EPPApp: Sendable {
     let drainTimeout: Double
     let group: MultiThreadedEventLoopGroup
     let source: any RoutingSource
+    let scraper: (scraper: ModelServerScraper, group: MultiThreadedEventLoopGroup)?
 
     private init(servers: [GRPCServer], metricsServer: MetricsServer?, health: HealthStatusStore, logger: Logger,
-                 drainTimeout: Double, group: MultiThreadedEventLoopGroup, source: any RoutingSource) {
+                 drainTimeout: Double, group: MultiThreadedEventLoopGroup, source: any RoutingSource,
+                 scraper: (scraper: ModelServerScraper, group: MultiThreadedEventLoopGroup)?) {
         self.source = source
+        self.scraper = scraper
         self.servers = servers
         self.metricsServer = metricsServer
         self.health = health
@@ -44,8 +48,11 @@ final class EPPApp: Sendable {
         extProc.affinity = .init(flag: options.splitAffinityHeader)
         extProc.restoreModelAlias = options.restoreModelAlias
         extProc.maxRequestBodyBytes = options.maxRequestBodyBytes
+        let scraper = try makeScraper(options, state: source.state, logger: logger)
+        extProc.loadPolicy = LoadPolicy(enabled: scraper != nil, stalenessSeconds: options.metricsStalenessThreshold)
         // No metrics listener → nothing recorded on the request path either.
-        let metrics = options.metricsPort > 0 ? InferenceMetrics(poolName: options.poolName, state: source.state) : nil
+        let metrics = options.metricsPort > 0
+            ? InferenceMetrics(poolName: options.poolName, state: source.state, loadPolicy: extProc.loadPolicy) : nil
         var mainServices: [any GRPCService] = [
             HealthService(store: health),
             ExtProcService(configuration: extProc, state: source.state, logger: logger, observer: metrics),
@@ -74,8 +81,35 @@ final class EPPApp: Sendable {
             ])
         }
         source.start()
+        scraper?.scraper.start()
         return EPPApp(servers: servers, metricsServer: metricsServer, health: health, logger: logger,
-                      drainTimeout: options.drainTimeout, group: group, source: source)
+                      drainTimeout: options.drainTimeout, group: group, source: source, scraper: scraper)
+    }
+
+    /// The model-server scraper on a thread of its own, so parsing expositions never delays a request.
+    private static func makeScraper(_ options: EPPCommand, state: RoutingState,
+                                    logger: Logger) throws -> (scraper: ModelServerScraper, group: MultiThreadedEventLoopGroup)? {
+        guard options.scrapeModelServerMetrics else { return nil }
+        guard options.refreshMetricsInterval > 0, options.refreshMetricsInterval.isFinite else {
+            throw ValidationFailure("--refresh-metrics-interval must be a positive number of seconds")
+        }
+        guard options.metricsStalenessThreshold > 0, options.metricsStalenessThreshold.isFinite else {
+            throw ValidationFailure("--metrics-staleness-threshold must be a positive number of seconds")
+        }
+        guard (0...65535).contains(options.modelServerMetricsPort) else {
+            throw ValidationFailure("--model-server-metrics-port must be 0 (the endpoint's port) or 1-65535")
+        }
+        guard options.modelServerMetricsPath.hasPrefix("/") else {
+            throw ValidationFailure("--model-server-metrics-path must start with '/'")
+        }
+        var config = ModelServerScraper.Configuration()
+        config.path = options.modelServerMetricsPath
+        config.port = options.modelServerMetricsPort
+        config.interval = .nanoseconds(Int64(options.refreshMetricsInterval * 1e9))
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        let scraper = ModelServerScraper(configuration: config, eventLoop: group.next(),
+                                         endpoints: { state.snapshot.endpoints }, logger: logger)
+        return (scraper, group)
     }
 
     private static func makeSource(_ options: EPPCommand, group: any EventLoopGroup, health: HealthStatusStore,
@@ -113,6 +147,10 @@ final class EPPApp: Sendable {
         let left = servers.reduce(0) { $0 + $1.connectionCount }
         if left > 0 { logger.warning("drain timeout reached; closing remaining connections", metadata: ["connections": "\(left)"]) }
         await source.stop()
+        if let scraper {
+            await scraper.scraper.shutdown()
+            try? await scraper.group.shutdownGracefully()
+        }
         for s in servers { await s.close() }
         await metricsServer?.close()
         try? await group.shutdownGracefully()

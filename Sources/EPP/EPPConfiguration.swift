@@ -28,6 +28,11 @@ public struct EPPCommand: AsyncParsableCommand {
     @Option(help: "Sticky split key: a request header name, or body:FIELD for a top-level body string.") var splitAffinityHeader: String?
     @Option(help: "Restore the client's model name in responses.") var restoreModelAlias = true
     @Option(help: "Largest request body accepted (413 above).") var maxRequestBodyBytes = 64 << 20
+    @Option(help: "Scrape each endpoint's model-server metrics (vLLM queue and KV cache) and pick by load; sheddable objectives get 429 when the pool is saturated.") var scrapeModelServerMetrics = true
+    @Option(help: "Seconds between scrapes of each endpoint's metrics.") var refreshMetricsInterval: Double = 0.05
+    @Option(help: "Seconds after which a model server's last metrics no longer count (stale = unknown load).") var metricsStalenessThreshold: Double = 2
+    @Option(help: "Path of the model servers' Prometheus metrics.") var modelServerMetricsPath = "/metrics"
+    @Option(help: "Port of the model servers' metrics; 0: the endpoint's own port.") var modelServerMetricsPort = 0
 
     public init() {}
 
@@ -44,7 +49,8 @@ public struct EPPCommand: AsyncParsableCommand {
     /// Accepts Go-style flags as Kubernetes manifests pass them: `-flag`, `--flag=value` and a bare
     /// boolean `--flag` meaning true.
     public static func normalize(_ arguments: [String]) -> [String] {
-        let booleans: Set<String> = ["--secure-serving", "--restore-model-alias", "--enable-test-echo-service"]
+        let booleans: Set<String> = ["--secure-serving", "--restore-model-alias", "--enable-test-echo-service",
+                                     "--scrape-model-server-metrics"]
         var out: [String] = []
         var i = 0
         while i < arguments.count {

@@ -1,4 +1,5 @@
 import ExtProc
+import InferenceRouting
 import NIOConcurrencyHelpers
 import NIOCore
 import Prometheus
@@ -16,19 +17,28 @@ public final class InferenceMetrics: ExtProcObserver, Sendable {
     private let state: RoutingState
     private let series = NIOLockedValueBox<[SeriesKey: Series]>([:])
     private let readyPods: Gauge
+    private let averageQueue: Gauge
+    private let averageKVCache: Gauge
+    /// What counts as a fresh load sample (the picker's policy); off → the averages stay 0.
+    private let loadPolicy: LoadPolicy
     /// Model names come from clients: past this many label sets, new ones are counted under
     /// `model_name="other"` so that a client sending random names cannot grow memory without bound.
     public let maxSeries: Int
     static let overflowLabel = "other"
 
     public init(poolName: String, state: RoutingState, registry: PrometheusCollectorRegistry = .init(),
-                maxSeries: Int = 500) {
+                maxSeries: Int = 500, loadPolicy: LoadPolicy = .off) {
         self.registry = registry
+        self.loadPolicy = loadPolicy
         self.poolName = poolName
         self.state = state
         self.maxSeries = maxSeries
         readyPods = registry.makeGauge(descriptor: metric("inference_pool_ready_pods",
             "The number of ready pods in the inference server pool."), labels: [("name", poolName)])
+        averageQueue = registry.makeGauge(descriptor: metric("inference_pool_average_queue_size",
+            "The average number of requests pending in the model server queue."), labels: [("name", poolName)])
+        averageKVCache = registry.makeGauge(descriptor: metric("inference_pool_average_kv_cache_utilization",
+            "The average kv cache utilization for an inference server pool."), labels: [("name", poolName)])
     }
 
     // MARK: ExtProcObserver
@@ -89,7 +99,12 @@ public final class InferenceMetrics: ExtProcObserver, Sendable {
 
     /// The exposition text (format 0.0.4). Values derived from the routing snapshot are read now.
     public func exposition() -> [UInt8] {
-        readyPods.set(Int64(state.snapshot.endpoints.count))
+        let endpoints = state.snapshot.endpoints
+        readyPods.set(Int64(endpoints.count))
+        // Means over the endpoints whose last scrape is fresh; 0 when none is.
+        let load = endpoints.averageLoad(policy: loadPolicy, now: MonotonicClock.nanoseconds)
+        averageQueue.set(load?.queue ?? 0)
+        averageKVCache.set(load?.kvCache ?? 0)
         var out: [UInt8] = []
         out.reserveCapacity(16 << 10)
         registry.emit(into: &out)

@@ -1,4 +1,5 @@
 import GRPCServer
+import InferenceRouting
 import Logging
 
 /// How requests are picked and rewritten; fixed at start.
@@ -27,6 +28,9 @@ public struct ExtProcConfiguration: Sendable {
     public var restoreModelAlias = true
     /// Request bodies above this are refused with 413.
     public var maxRequestBodyBytes = 64 << 20
+    /// Model-server load scoring and shedding of sheddable requests (needs a scraper feeding the
+    /// endpoints' load samples); off: fewest in flight, nothing shed.
+    public var loadPolicy: LoadPolicy = .off
 
     public init() {}
 }

@@ -358,7 +358,20 @@ final class ProcessStream: GRPCStreamHandler {
         guard let snapshot else { return nil }
         let pickStart: NIODeadline? = observer != nil ? .now() : nil
         decideModel()
-        let picked = snapshot.endpoints.pick(subset: info.subset, using: &rng)
+        let policy = configuration.loadPolicy
+        let picked: EndpointRecord?
+        if policy.enabled {
+            let now = MonotonicClock.nanoseconds
+            // Sheddable (priority < 0) requests wait for a pool with room, as in the reference.
+            if info.objective != nil, snapshot.objectives.priority(for: info.objective) < 0,
+               snapshot.endpoints.isSaturated(subset: info.subset, policy: policy, now: now) {
+                fail(.saturated(objective: info.objective ?? ""), stream)
+                return nil
+            }
+            picked = snapshot.endpoints.pick(subset: info.subset, policy: policy, now: now, using: &rng)
+        } else {
+            picked = snapshot.endpoints.pick(subset: info.subset, using: &rng)
+        }
         if let pickStart { pickDuration = .now() - pickStart }
         guard let record = picked else {
             let why = info.subset != nil ? "no endpoint matches the gateway's subset hint" : "no ready endpoints in the pool"

@@ -152,6 +152,11 @@ struct PickerError: Error {
     static func noEndpoints(_ why: String) -> PickerError {
         PickerError(status: 503, type: "service_unavailable", message: why, details: "epp_no_endpoints")
     }
+    static func saturated(objective: String) -> PickerError {
+        PickerError(status: 429, type: "too_many_requests",
+                    message: "the inference pool is saturated; sheddable objective '\(objective)' was not admitted",
+                    details: "epp_pool_saturated")
+    }
     static func internalError(_ why: String) -> PickerError {
         PickerError(status: 500, type: "internal_error", message: why, details: "epp_internal_error")
     }

@@ -88,21 +88,25 @@ extension StringProtocol {
     }
 }
 
-/// An endpoint plus its live in-flight request count, shared across snapshots.
+/// An endpoint plus its live state, shared across snapshots: the requests in flight through this
+/// picker and the model server's last load sample.
 public final class EndpointRecord: Sendable {
     public let endpoint: Endpoint
     private let inFlight: ManagedAtomic<Int>
+    private let loadSample: ManagedAtomic<EndpointLoad?>
 
     public init(endpoint: Endpoint) {
         self.endpoint = endpoint
         self.inFlight = ManagedAtomic(0)
+        self.loadSample = ManagedAtomic(nil)
     }
 
-    /// A record for changed metadata (e.g. pod name) at the same address: shares the counter,
-    /// so requests begun on `other` still end correctly.
+    /// A record for changed metadata (e.g. pod name) at the same address: shares the counter
+    /// and the load, so requests begun on `other` still end correctly.
     init(endpoint: Endpoint, sharingCounterOf other: EndpointRecord) {
         self.endpoint = endpoint
         self.inFlight = other.inFlight
+        self.loadSample = other.loadSample
     }
 
     /// Call when a request is sent to this endpoint.
@@ -110,6 +114,29 @@ public final class EndpointRecord: Sendable {
     /// Call exactly once per `begin()` when the request finishes.
     @inline(__always) public func end() { inFlight.wrappingDecrement(ordering: .relaxed) }
     public var inFlightCount: Int { inFlight.load(ordering: .relaxed) }
+
+    /// The model server's last reported load (nil until the first successful scrape).
+    public var load: EndpointLoad? { loadSample.load(ordering: .acquiring) }
+
+    /// Publishes a scrape; stamps it with the in-flight count and the time now.
+    public func record(waiting: Int, running: Int, kvCacheUsage: Double, at time: UInt64 = MonotonicClock.nanoseconds) {
+        loadSample.store(EndpointLoad(waiting: waiting, running: running, kvCacheUsage: kvCacheUsage,
+                                      inFlightAtSample: inFlightCount, sampledAt: time), ordering: .releasing)
+    }
+
+    /// The last sample if it is no older than the policy allows.
+    @inline(__always)
+    func freshLoad(now: UInt64, _ policy: LoadPolicy) -> EndpointLoad? {
+        guard let l = load, now &- l.sampledAt <= policy.stalenessNanos || l.sampledAt > now else { return nil }
+        return l
+    }
+
+    /// Waiting requests as the picker sees them: the server's queue plus what this picker sent
+    /// since the sample (not queued there yet when it was taken).
+    @inline(__always)
+    func queueEstimate(_ l: EndpointLoad) -> Int {
+        l.waiting + max(0, inFlightCount - l.inFlightAtSample)
+    }
 }
 
 /// An immutable snapshot of the pool's endpoints with least-in-flight picking.
@@ -145,6 +172,79 @@ public final class EndpointSet: Sendable {
     public var count: Int { records.count }
     public var isEmpty: Bool { records.isEmpty }
     public func record(for address: String) -> EndpointRecord? { byAddress[address] }
+
+    /// Picks an endpoint for a request.
+    ///
+    /// With load scoring on, candidates with a fresh load sample are scored as the reference EPP
+    /// does (queue depth ×2: `(maxQ − q)/(maxQ − minQ)`, KV cache ×2: `1 − kv`) and the highest
+    /// wins, ties to the fewest in flight, then at random. Without fresh samples (or with scoring
+    /// off) the candidate with the fewest requests in flight wins, ties at random.
+    /// - Parameter subset: nil = all endpoints; otherwise only these addresses (unknown ones
+    ///   are ignored; empty → nil).
+    public func pick(subset: [String]?, policy: LoadPolicy, now: UInt64,
+                     using rng: inout some RandomNumberGenerator) -> EndpointRecord? {
+        guard policy.enabled else { return pick(subset: subset, using: &rng) }
+        // Pass 1: the queue range among fresh candidates.
+        var minQ = Int.max, maxQ = Int.min, fresh = 0
+        forEachCandidate(subset) { r in
+            guard let l = r.freshLoad(now: now, policy) else { return }
+            let q = r.queueEstimate(l)
+            minQ = min(minQ, q); maxQ = max(maxQ, q); fresh += 1
+        }
+        if fresh == 0 { return pick(subset: subset, using: &rng) }
+        // Pass 2: score; ties by in-flight count, then reservoir-sampled.
+        var best: EndpointRecord?
+        var bestScore = -Double.infinity, bestInFlight = Int.max
+        var ties: UInt64 = 0
+        let span = Double(maxQ - minQ)
+        forEachCandidate(subset) { r in
+            guard let l = r.freshLoad(now: now, policy) else { return }
+            let q = min(maxQ, max(minQ, r.queueEstimate(l)))  // counts may have moved since pass 1
+            let queueScore = span > 0 ? Double(maxQ - q) / span : 1
+            let score = policy.queueWeight * queueScore + policy.kvCacheWeight * (1 - l.kvCacheUsage)
+            let f = r.inFlightCount
+            if score > bestScore + 1e-9 || (score >= bestScore - 1e-9 && f < bestInFlight) {
+                best = r; bestScore = max(score, bestScore); bestInFlight = f; ties = 1
+            } else if score >= bestScore - 1e-9 && f == bestInFlight {
+                ties += 1
+                if rng.draw(below: ties) == 0 { best = r }
+            }
+        }
+        return best ?? pick(subset: subset, using: &rng)
+    }
+
+    /// Whether the candidates are saturated (the reference's default detector): per endpoint
+    /// `max(q / queueDepthThreshold, kv / kvCacheThreshold)`, a missing or stale sample counting
+    /// as full (1.0); saturated when the mean reaches 1. Never with scoring off.
+    public func isSaturated(subset: [String]?, policy: LoadPolicy, now: UInt64) -> Bool {
+        guard policy.enabled else { return false }
+        var sum = 0.0, n = 0
+        forEachCandidate(subset) { r in
+            n += 1
+            guard let l = r.freshLoad(now: now, policy) else { sum += 1; return }
+            sum += max(Double(r.queueEstimate(l)) / policy.queueDepthThreshold, l.kvCacheUsage / policy.kvCacheThreshold)
+        }
+        return n > 0 && sum / Double(n) >= 1
+    }
+
+    /// Means over the endpoints with fresh samples (pool gauges); nil when none has one.
+    public func averageLoad(policy: LoadPolicy, now: UInt64) -> (queue: Double, kvCache: Double)? {
+        var q = 0.0, kv = 0.0, n = 0
+        for r in records {
+            guard let l = r.freshLoad(now: now, policy) else { continue }
+            q += Double(l.waiting); kv += l.kvCacheUsage; n += 1
+        }
+        return n == 0 ? nil : (q / Double(n), kv / Double(n))
+    }
+
+    @inline(__always)
+    private func forEachCandidate(_ subset: [String]?, _ body: (EndpointRecord) -> Void) {
+        if let subset {
+            for a in subset { if let r = byAddress[a] { body(r) } }
+        } else {
+            for r in records { body(r) }
+        }
+    }
 
     /// Picks the candidate with the fewest requests in flight, ties uniformly at random.
     /// - Parameter subset: nil = all endpoints; otherwise only these addresses (unknown ones

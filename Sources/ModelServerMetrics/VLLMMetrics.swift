@@ -1,0 +1,99 @@
+/// The load figures the picker reads from a vLLM server's Prometheus text exposition.
+public struct VLLMMetrics: Sendable, Equatable {
+    /// `vllm:num_requests_waiting`, summed over its series (one per model / engine).
+    public var waiting: Int
+    /// `vllm:num_requests_running`, summed.
+    public var running: Int
+    /// `vllm:kv_cache_usage_perc` (vLLM ≥ 0.10), else `vllm:gpu_cache_usage_perc`; the highest series.
+    public var kvCacheUsage: Double
+
+    public init(waiting: Int, running: Int, kvCacheUsage: Double) {
+        self.waiting = waiting
+        self.running = running
+        self.kvCacheUsage = kvCacheUsage
+    }
+
+    /// Parses the text format (version 0.0.4, also what OpenMetrics servers send for these
+    /// gauges). Unknown metrics, comments, malformed lines and non-finite values are skipped
+    /// line by line; nil when neither a queue nor a KV-cache figure was found (not a vLLM server).
+    public static func parse<Bytes: Collection<UInt8>>(_ text: Bytes) -> VLLMMetrics? where Bytes.Index == Int {
+        var waiting = 0.0, running = 0.0
+        var kv: Double?, gpuCache: Double?
+        var found = false
+        var i = text.startIndex
+        let end = text.endIndex
+        while i < end {
+            var lineEnd = i
+            while lineEnd < end && text[lineEnd] != UInt8(ascii: "\n") { lineEnd += 1 }
+            defer { i = lineEnd + 1 }
+            guard let sample = parseLine(text, i, lineEnd) else { continue }
+            switch sample.name {
+            case .waiting: waiting += sample.value; found = true
+            case .running: running += sample.value
+            case .kvCache: kv = max(kv ?? 0, sample.value); found = true
+            case .gpuCache: gpuCache = max(gpuCache ?? 0, sample.value); found = true
+            }
+        }
+        guard found else { return nil }
+        return VLLMMetrics(waiting: clampedInt(waiting), running: clampedInt(running), kvCacheUsage: kv ?? gpuCache ?? 0)
+    }
+
+    private enum Name { case waiting, running, kvCache, gpuCache }
+
+    private static let names: [([UInt8], Name)] = [
+        (Array("vllm:num_requests_waiting".utf8), .waiting),
+        (Array("vllm:num_requests_running".utf8), .running),
+        (Array("vllm:kv_cache_usage_perc".utf8), .kvCache),
+        (Array("vllm:gpu_cache_usage_perc".utf8), .gpuCache),
+    ]
+
+    /// One `name{labels} value [timestamp]` line of a metric we want, or nil.
+    private static func parseLine<Bytes: Collection<UInt8>>(_ t: Bytes, _ start: Int, _ end: Int) -> (name: Name, value: Double)?
+    where Bytes.Index == Int {
+        var i = start
+        while i < end && isSpace(t[i]) { i += 1 }
+        guard i < end, t[i] != UInt8(ascii: "#") else { return nil }
+        let nameStart = i
+        while i < end && t[i] != UInt8(ascii: "{") && !isSpace(t[i]) { i += 1 }
+        guard let name = names.first(where: { equal(t, nameStart, i, $0.0) })?.1 else { return nil }
+        if i < end && t[i] == UInt8(ascii: "{") {
+            // Label values may hold '}' inside quotes, with backslash escapes.
+            i += 1
+            var inQuotes = false
+            while i < end {
+                let c = t[i]
+                if inQuotes {
+                    if c == UInt8(ascii: "\\") { i += 1 } else if c == UInt8(ascii: "\"") { inQuotes = false }
+                } else if c == UInt8(ascii: "\"") {
+                    inQuotes = true
+                } else if c == UInt8(ascii: "}") {
+                    break
+                }
+                i += 1
+            }
+            guard i < end else { return nil }  // unterminated label set
+            i += 1
+        }
+        guard i < end, isSpace(t[i]) else { return nil }
+        while i < end && isSpace(t[i]) { i += 1 }
+        let valueStart = i
+        while i < end && !isSpace(t[i]) { i += 1 }
+        guard i > valueStart, i - valueStart <= 40,
+              let value = Double(String(decoding: t[valueStart..<i], as: UTF8.self)), value.isFinite, value >= 0 else {
+            return nil
+        }
+        return (name, value)
+    }
+
+    @inline(__always)
+    private static func isSpace(_ c: UInt8) -> Bool { c == UInt8(ascii: " ") || c == UInt8(ascii: "\t") || c == UInt8(ascii: "\r") }
+
+    private static func equal<Bytes: Collection<UInt8>>(_ t: Bytes, _ a: Int, _ b: Int, _ name: [UInt8]) -> Bool
+    where Bytes.Index == Int {
+        guard b - a == name.count else { return false }
+        for k in 0..<name.count where t[a + k] != name[k] { return false }
+        return true
+    }
+
+    private static func clampedInt(_ v: Double) -> Int { v >= Double(Int32.max) ? Int(Int32.max) : Int(v.rounded()) }
+}
