@@ -8,9 +8,19 @@ hashed as it streams in and only a bounded prefix/suffix is kept when it is larg
 Endpoints
   POST /v1/completions, /v1/chat/completions, /v1/embeddings   JSON, or SSE with "stream": true
   GET  /v1/models, /health, /metrics (vLLM metric names)
-  GET  /fake/stats    counters: requests per model received, incomplete uploads, ...
-  POST /fake/reset    clears the counters
+  GET  /fake/stats    counters: requests per model received, incomplete uploads, /metrics scrapes, ...
+  POST /fake/reset    clears the counters (not the load knobs)
   GET  /fake/last     the last few request records
+  POST /fake/load     load knobs for what GET /metrics serves, a JSON object (missing keys take their
+                      defaults, so `{}` restores them all); answers the knobs now in force:
+                        waiting  int, default 0      vllm:num_requests_waiting
+                        running  int or null         vllm:num_requests_running (null: streams in progress)
+                        kv       0..1 or null        vllm:kv_cache_usage_perc and vllm:gpu_cache_usage_perc
+                                                     (null: min(1, running streams / 100))
+                        metrics  "ok" (default) | "garbage" (200 with bytes that are not Prometheus text)
+                                 | "hang" (the request is read but never answered; the connection stays
+                                 open until the client closes it) | "404"
+                      Every GET /metrics counts in /fake/stats `metrics_scrapes`, whatever the mode.
 
 Every inference response echoes what the backend received, both in the JSON (`"echo": {...}`) and in
 response headers: x-fake-backend, x-fake-model, x-fake-body-len, x-fake-body-sha256,
@@ -48,6 +58,7 @@ class Stats:
         self.incomplete = 0          # uploads whose connection ended before the body did
         self.incomplete_bytes = []   # bytes received by those
         self.bad_json = 0
+        self.metrics_scrapes = 0
         self.last = []
         self.started = time.time()
 
@@ -63,11 +74,49 @@ class Stats:
     def as_json(self):
         return {"requests": self.requests, "by_model": self.by_model, "by_path": self.by_path,
                 "incomplete": self.incomplete, "incomplete_bytes": self.incomplete_bytes[-20:],
-                "bad_json": self.bad_json, "running": RUNNING[0]}
+                "bad_json": self.bad_json, "running": RUNNING[0],
+                "metrics_scrapes": self.metrics_scrapes, "load": dict(LOAD)}
 
 
 STATS = Stats()
 RUNNING = [0]
+LOAD_DEFAULTS = {"waiting": 0, "running": None, "kv": None, "metrics": "ok"}
+LOAD = dict(LOAD_DEFAULTS)   # set by POST /fake/load; read by GET /metrics
+METRICS_MODES = ("ok", "garbage", "hang", "404")
+HANG = object()              # dispatch result: leave the request unanswered
+GARBAGE_METRICS = (
+    b"\x00\x01\x02\xff\xfe binary junk \x80\x81\r\n"
+    b"# TYPE vllm:num_requests_waiting gauge\n"
+    b'vllm:num_requests_waiting{model_name="x" 12\n'
+    b"vllm:kv_cache_usage_perc notanumber\n"
+    b"\xc3\x28 }}}{{{ = \x00\n")
+
+
+def set_load(obj):
+    """Replaces the load knobs from a POST /fake/load body; returns an error message or None."""
+    if not isinstance(obj, dict):
+        return "body must be a JSON object"
+    unknown = set(obj) - set(LOAD_DEFAULTS)
+    if unknown:
+        return f"unknown keys: {sorted(unknown)}"
+    new = dict(LOAD_DEFAULTS)
+    new.update(obj)
+
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+    if not is_int(new["waiting"]) or new["waiting"] < 0:
+        return "waiting must be an integer >= 0"
+    if new["running"] is not None and (not is_int(new["running"]) or new["running"] < 0):
+        return "running must be an integer >= 0 or null"
+    if new["kv"] is not None:
+        if isinstance(new["kv"], bool) or not isinstance(new["kv"], (int, float)) or not 0 <= new["kv"] <= 1:
+            return "kv must be a number in 0..1 or null"
+        new["kv"] = float(new["kv"])
+    if new["metrics"] not in METRICS_MODES:
+        return f"metrics must be one of {list(METRICS_MODES)}"
+    LOAD.clear()
+    LOAD.update(new)
+    return None
 
 
 class Incomplete(Exception):
@@ -163,7 +212,7 @@ async def read_body(reader, headers):
 
 
 def response_head(status, headers, chunked=False, length=None):
-    reason = {200: "OK", 400: "Bad Request", 404: "Not Found", 500: "Internal Server Error",
+    reason = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 500: "Internal Server Error",
               503: "Service Unavailable"}.get(status, "Status")
     lines = [f"HTTP/1.1 {status} {reason}"]
     for k, v in headers:
@@ -210,7 +259,11 @@ class Server:
                     STATS.incomplete_bytes.append(e.received)
                     return
                 keep = headers.get("connection", "").lower() != "close" and version == "HTTP/1.1"
-                await self.dispatch(method, target, headers, raw_headers, body, chunked, writer)
+                if await self.dispatch(method, target, headers, raw_headers, body, chunked, writer) is HANG:
+                    # Never answer: hold the connection until the client gives up and closes it.
+                    while await reader.read(65536):
+                        pass
+                    return
                 await writer.drain()
                 if not keep:
                     return
@@ -227,7 +280,28 @@ class Server:
         if path == "/health":
             return self.send(writer, 200, b"", [])
         if path == "/metrics":
+            STATS.metrics_scrapes += 1
+            mode = LOAD["metrics"]
+            if mode == "hang":
+                return HANG
+            if mode == "404":
+                return self.send(writer, 404, b"404 page not found\n", [("content-type", "text/plain; charset=utf-8")])
+            if mode == "garbage":
+                return self.send(writer, 200, GARBAGE_METRICS, [("content-type", "text/plain; version=0.0.4")])
             return self.send(writer, 200, self.metrics().encode(), [("content-type", "text/plain; version=0.0.4")])
+        if path == "/fake/load":
+            if method == "GET":
+                return self.send_json(writer, 200, dict(LOAD))
+            if method != "POST":
+                return self.send_json(writer, 405, {"error": "use POST"})
+            try:
+                obj = json.loads(bytes(body.head)) if body.length else {}
+            except ValueError:
+                return self.send_json(writer, 400, {"error": "invalid JSON"})
+            err = set_load(obj) if body.whole else "body too large"
+            if err:
+                return self.send_json(writer, 400, {"error": err})
+            return self.send_json(writer, 200, dict(LOAD))
         if path == "/fake/stats":
             return self.send_json(writer, 200, STATS.as_json())
         if path == "/fake/last":
@@ -317,7 +391,9 @@ class Server:
         self.send(writer, status, json.dumps(obj).encode(), [("content-type", "application/json")] + list(extra))
 
     def metrics(self):
-        running = RUNNING[0]
+        running = RUNNING[0] if LOAD["running"] is None else LOAD["running"]
+        kv = f"{min(1.0, RUNNING[0] / 100):.4f}" if LOAD["kv"] is None else repr(LOAD["kv"])
+        waiting = LOAD["waiting"]
         models = ",".join(self.models)
         return (
             "# HELP vllm:num_requests_running Number of requests currently running on GPU.\n"
@@ -325,13 +401,13 @@ class Server:
             f'vllm:num_requests_running{{model_name="{self.models[0] if self.models else ""}"}} {running}\n'
             "# HELP vllm:num_requests_waiting Number of requests waiting to be processed.\n"
             "# TYPE vllm:num_requests_waiting gauge\n"
-            f'vllm:num_requests_waiting{{model_name="{self.models[0] if self.models else ""}"}} 0\n'
+            f'vllm:num_requests_waiting{{model_name="{self.models[0] if self.models else ""}"}} {waiting}\n'
             "# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.\n"
             "# TYPE vllm:kv_cache_usage_perc gauge\n"
-            f"vllm:kv_cache_usage_perc {min(1.0, running / 100):.4f}\n"
+            f"vllm:kv_cache_usage_perc {kv}\n"
             "# HELP vllm:gpu_cache_usage_perc GPU KV-cache usage. 1 means 100 percent usage.\n"
             "# TYPE vllm:gpu_cache_usage_perc gauge\n"
-            f"vllm:gpu_cache_usage_perc {min(1.0, running / 100):.4f}\n"
+            f"vllm:gpu_cache_usage_perc {kv}\n"
             "# HELP vllm:lora_requests_info Running stats on lora requests.\n"
             "# TYPE vllm:lora_requests_info gauge\n"
             f'vllm:lora_requests_info{{max_lora="4",running_lora_adapters="",waiting_lora_adapters=""}} {time.time():.3f}\n'

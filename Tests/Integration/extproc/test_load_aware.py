@@ -1,0 +1,417 @@
+"""Load-aware endpoint picking and load shedding, driven over real Process streams (grpcio + xds-protos).
+
+The backends are the fake vLLM from demo/ (demo/fake_vllm.py) on 127.0.0.x loopback addresses: the EPP scrapes
+their /metrics, and each test sets what those serve through the fake's POST /fake/load knob (waiting requests,
+KV-cache usage, or a broken /metrics: garbage, a request that never gets an answer, 404). Covered:
+
+* picking: the endpoint with the better score (2·queue + 2·KV cache) gets every request once the EPP has
+  scraped the loads, and traffic follows when the loads flip;
+* shedding: a request naming a sheddable InferenceObjective (priority < 0, header x-gateway-inference-objective
+  or x-llm-d-inference-objective) gets an ImmediateResponse 429 with an OpenAI-style error body and details
+  `epp_pool_saturated` while the pool is saturated (mean over endpoints of max(waiting/5, kv/0.8), stale or
+  missing metrics counting as 1.0, ≥ 1.0); priority ≥ 0, no objective and unknown objectives are never shed;
+  routing resumes when the load goes away;
+* broken metrics: an endpoint whose /metrics is garbage, hangs or answers 404 loses its traffic to an endpoint
+  with fresh metrics, the EPP stays up and keeps serving, and the endpoint wins again once its metrics recover;
+* `--scrape-model-server-metrics=false`: no scrapes at all, nothing shed;
+* the pool gauges inference_pool_average_queue_size / inference_pool_average_kv_cache_utilization on the
+  EPP's --metrics-port (means over endpoints with fresh metrics).
+
+The EPP counts requests it sent to an endpoint since that endpoint's last scrape into its queue, so request
+loops that check "every request goes to X" are paced (a few per scrape interval), as real traffic would be
+between scrapes; every wait is bounded.
+"""
+import asyncio
+import collections
+import json
+import re
+import time
+import urllib.request
+
+import grpc
+import pytest
+
+import stack
+from extproc_lib import Stream, destination, joined_request_body, kind, req_body, req_headers, resp_body, \
+    resp_headers, streamed_body, top_model
+
+POOL = "vllm-pool"
+OBJECTIVE_HEADER = "x-gateway-inference-objective"
+LLMD_OBJECTIVE_HEADER = "x-llm-d-inference-objective"
+SETTLE = 5.0    # seconds the EPP gets to act on a new load (scrape every 0.05 s, staleness ≤ 2 s)
+PACE = 0.02     # seconds between requests in the "every request goes to X" loops
+
+
+def objective(name, priority, pool=POOL):
+    return "\n".join(["apiVersion: inference.networking.x-k8s.io/v1alpha2", "kind: InferenceObjective",
+                      f"metadata: {{ name: {name} }}", "spec:", f"  priority: {priority}",
+                      f"  poolRef: {{ name: {pool} }}"]) + "\n"
+
+
+RULES = stack.SEED_RULE + "---\n" + objective("batch", -1) + "---\n" + objective("critical", 5)
+
+
+# -- backends ---------------------------------------------------------------------------------------------------
+
+def start_backends(tmp_path_factory, hosts, label):
+    st = stack.Stack(tmp_path_factory.mktemp(label) / "logs")
+    try:
+        procs = [st.fake_vllm(h, stack.free_port(h), name=f"{label}-{h}") for h in hosts]
+    except Exception:
+        st.stop()
+        raise
+    return st, procs
+
+
+def set_load(backend, **knobs):
+    status, body = stack.http_post(f"http://{backend.address}/fake/load", knobs)
+    assert status == 200, body
+    return json.loads(body)
+
+
+def backend_stats(backend):
+    return json.loads(stack.http_get(f"http://{backend.address}/fake/stats")[1])
+
+
+def reset_stats(backend):
+    stack.http_post(f"http://{backend.address}/fake/reset", {})
+
+
+@pytest.fixture(scope="module")
+def backends(tmp_path_factory):
+    """Two fake vLLM backends (A, B), shared by the tests of this module; their loads are reset around each test."""
+    st, procs = start_backends(tmp_path_factory, ["127.0.0.41", "127.0.0.42"], "lb-backends")
+    yield procs
+    st.stop()
+
+
+@pytest.fixture(autouse=True)
+def default_loads(request):
+    if "backends" not in request.fixturenames:
+        yield
+        return
+    bs = request.getfixturevalue("backends")
+    for b in bs:
+        set_load(b)
+    yield
+    for b in bs:
+        set_load(b)
+
+
+@pytest.fixture(scope="module")
+def lb_epp(epp_factory, backends):
+    """An EPP with the default load-aware flags (scraping on, 0.05 s interval, 2 s staleness) over A and B."""
+    return epp_factory(endpoints=[b.address for b in backends], rules=RULES, name="epp-load-aware")
+
+
+@pytest.fixture(scope="module")
+def short_stale_epp(epp_factory, backends):
+    """Like lb_epp, with --metrics-staleness-threshold 0.5."""
+    return epp_factory(extra=["--metrics-staleness-threshold", "0.5"], endpoints=[b.address for b in backends],
+                       rules=RULES, name="epp-stale-0.5")
+
+
+# -- driving Process streams ------------------------------------------------------------------------------------
+
+Outcome = collections.namedtuple("Outcome", "dest immediate code")
+
+
+def run(epp, coro_fn, timeout=120):
+    async def main():
+        async with grpc.aio.insecure_channel(epp.address) as ch:
+            return await asyncio.wait_for(coro_fn(ch), timeout)
+    return asyncio.run(main())
+
+
+async def exchange(ch, objective_name=None, header=OBJECTIVE_HEADER, model="opt-stable"):
+    """One request as Envoy drives it (FULL_DUPLEX, whole body in one message). Routed: the response phase is
+    played too (the backend echoes the model) and dest is the destination header. Refused: immediate is the
+    ImmediateResponse."""
+    hdrs = {header: objective_name} if objective_name is not None else {}
+    body = json.dumps({"model": model, "prompt": "load-aware picking", "max_tokens": 3}).encode()
+    s = Stream(ch)
+    try:
+        await s.send(req_headers(headers=hdrs), req_body(body, eos=True))
+    except asyncio.InvalidStateError:
+        pass  # the picker answered (and ended the stream) before the body was written: read the answer below
+    first = await s.recv()
+    assert first is not None, "stream ended without a reply"
+    if kind(first) == "immediate_response":
+        rest, code = await s.close()
+        assert rest == []
+        return Outcome(None, first.immediate_response, code)
+    assert kind(first) == "request_headers", first
+    hdr, md = destination(first)
+    assert hdr and md == hdr, (hdr, md)
+    reqs = [first] + await s.collect_request()
+    assert kind(reqs[-1]) == "request_body" and streamed_body(reqs[-1])[1]
+    sent_model = top_model(joined_request_body(reqs))
+    await s.send(resp_headers())
+    assert kind(await s.recv()) == "response_headers"
+    await s.send(resp_body(json.dumps({"id": "x", "object": "text_completion", "model": sent_model,
+                                       "choices": []}).encode(), eos=True))
+    while True:
+        r = await s.recv()
+        assert r is not None
+        if kind(r) == "response_body" and streamed_body(r)[1]:
+            break
+    rest, code = await s.close()
+    return Outcome(hdr, None, code)
+
+
+async def poll(ch, predicate, timeout=SETTLE, streak=1, what="", **kw):
+    """Sends requests (paced) until `streak` consecutive outcomes satisfy `predicate`; fails after `timeout`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    run_len, seen = 0, []
+    while True:
+        o = await exchange(ch, **kw)
+        seen.append(o.dest or (o.immediate and o.immediate.status.code))
+        run_len = run_len + 1 if predicate(o) else 0
+        if run_len >= streak:
+            return o
+        if loop.time() > deadline:
+            raise AssertionError(f"{what or 'condition'} not reached within {timeout}s; last outcomes {seen[-20:]}")
+        await asyncio.sleep(PACE)
+
+
+async def paced(ch, n, **kw):
+    out = []
+    for _ in range(n):
+        out.append(await exchange(ch, **kw))
+        await asyncio.sleep(PACE)
+    return out
+
+
+def to(address):
+    return lambda o: o.dest == address
+
+
+def is_shed(o):
+    return o.immediate is not None and o.immediate.status.code == 429
+
+
+def is_routed(o):
+    return o.dest is not None
+
+
+def assert_shed(o, epp):
+    assert o.immediate is not None, f"expected a 429, got routed to {o.dest}\n{epp.tail()}"
+    ir = o.immediate
+    assert ir.status.code == 429, ir
+    assert ir.details == "epp_pool_saturated", ir.details
+    err = json.loads(ir.body)["error"]
+    assert err["type"] == "too_many_requests", err
+    assert err["code"] == 429, err
+    assert isinstance(err["message"], str) and err["message"], err
+    assert o.code == grpc.StatusCode.OK
+
+
+def assert_all_to(outcomes, address, epp):
+    dests = collections.Counter(o.dest or "shed" for o in outcomes)
+    assert dests == {address: len(outcomes)}, f"expected every request on {address}, got {dict(dests)}\n{epp.tail()}"
+
+
+# -- EPP Prometheus ---------------------------------------------------------------------------------------------
+
+def epp_gauge(epp, metric, **labels):
+    with urllib.request.urlopen(f"http://127.0.0.1:{epp.metrics_port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    for line in text.splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        m = re.fullmatch(r"([a-zA-Z_:][\w:]*)(?:\{(.*)\})?\s+(\S+)", line.strip())
+        if not m or m.group(1) != metric:
+            continue
+        got = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(2) or ""))
+        if all(got.get(k) == v for k, v in labels.items()):
+            return float(m.group(3))
+    return None
+
+
+def wait_gauges(epp, queue, kv, timeout=SETTLE):
+    deadline = time.monotonic() + timeout
+    while True:
+        got = (epp_gauge(epp, "inference_pool_average_queue_size", name=POOL),
+               epp_gauge(epp, "inference_pool_average_kv_cache_utilization", name=POOL))
+        if got[0] is not None and got[1] is not None and abs(got[0] - queue) <= 1e-6 and abs(got[1] - kv) <= 1e-6:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gauges (queue, kv) = {got}, want ({queue}, {kv}) within {timeout}s\n{epp.tail()}")
+        time.sleep(0.05)
+
+
+# -- tests ------------------------------------------------------------------------------------------------------
+
+def test_traffic_follows_load(lb_epp, backends):
+    a, b = backends
+    set_load(a, waiting=0, kv=0.1)
+    set_load(b, waiting=8, kv=0.9)
+    scrapes = [backend_stats(x)["metrics_scrapes"] for x in backends]
+
+    async def go(ch):
+        await poll(ch, to(a.address), streak=3, what=f"routing to A ({a.address})")
+        first = await paced(ch, 40)
+        set_load(a, waiting=8, kv=0.9)
+        set_load(b, waiting=0, kv=0.1)
+        await poll(ch, to(b.address), streak=3, what=f"routing to B ({b.address}) after the flip")
+        second = await paced(ch, 40)
+        return first, second
+    first, second = run(lb_epp, go)
+    assert_all_to(first, a.address, lb_epp)
+    assert_all_to(second, b.address, lb_epp)
+    assert all(o.code == grpc.StatusCode.OK for o in first + second)
+    # Scraping is on by default: both backends' /metrics were read meanwhile.
+    assert all(backend_stats(x)["metrics_scrapes"] > s for x, s in zip(backends, scrapes))
+    assert lb_epp.poll() is None
+
+
+def test_sheddable_requests_refused_when_saturated(lb_epp, backends):
+    a, b = backends
+    for x in backends:
+        set_load(x, waiting=10)
+
+    async def go(ch):
+        shed = await poll(ch, is_shed, what="a 429 for objective batch", objective_name="batch")
+        others = {"critical": await exchange(ch, objective_name="critical"),
+                  "none": await exchange(ch),
+                  "unknown": await exchange(ch, objective_name="no-such-objective"),
+                  "critical-llm-d": await exchange(ch, objective_name="critical", header=LLMD_OBJECTIVE_HEADER)}
+        llmd = await exchange(ch, objective_name="batch", header=LLMD_OBJECTIVE_HEADER)
+        again = await exchange(ch, objective_name="batch")
+        for x in backends:
+            set_load(x)
+        recovered = await poll(ch, is_routed, streak=3, what="batch routed again after the load went away",
+                               objective_name="batch")
+        return shed, others, llmd, again, recovered
+    shed, others, llmd, again, recovered = run(lb_epp, go)
+    assert_shed(shed, lb_epp)
+    for name, o in others.items():
+        assert o.dest in (a.address, b.address), f"{name}: {o}\n{lb_epp.tail()}"
+        assert o.code == grpc.StatusCode.OK
+    assert_shed(llmd, lb_epp)
+    assert_shed(again, lb_epp)
+    assert recovered.dest in (a.address, b.address)
+
+
+def test_saturation_threshold(lb_epp, backends):
+    """Pool saturation = mean over endpoints of max(waiting/5, kv/0.8), ≥ 1.0; stale or missing metrics count 1.0."""
+    a, b = backends
+
+    async def go(ch):
+        out = {}
+        # 0.8 + 0.8 → 0.8: not saturated (first make sure the EPP sheds at all, so "routed" means it saw the load).
+        for x in backends:
+            set_load(x, waiting=10)
+        await poll(ch, is_shed, what="a 429 at waiting 10", objective_name="batch")
+        for x in backends:
+            set_load(x, waiting=4)
+        await poll(ch, is_routed, streak=3, what="batch routed at waiting 4", objective_name="batch")
+        out["waiting 4"] = await paced(ch, 10, objective_name="batch")
+        # kv 0.8 on both → exactly 1.0: saturated.
+        for x in backends:
+            set_load(x, waiting=0, kv=0.8)
+        await poll(ch, is_shed, what="a 429 at kv 0.8", objective_name="batch")
+        out["kv 0.8"] = await paced(ch, 5, objective_name="batch")
+        # One endpoint hot (10 → 2.0), one idle (0): mean exactly 1.0, saturated.
+        set_load(a, waiting=10)
+        set_load(b, waiting=0, kv=0.0)
+        await poll(ch, is_shed, what="a 429 with A at waiting 10, B idle", objective_name="batch")
+        out["A 10, B 0"] = await paced(ch, 5, objective_name="batch")
+        # A's metrics gone (404: stale after 2 s → 1.0), B at 1.2: mean 1.1, saturated; counting A as
+        # empty would give 0.6.
+        for x in backends:
+            set_load(x)
+        await poll(ch, is_routed, streak=3, what="batch routed at idle", objective_name="batch")
+        set_load(a, metrics="404")
+        set_load(b, waiting=6)
+        await poll(ch, is_shed, what="a 429 with A's metrics missing and B at waiting 6", objective_name="batch")
+        out["A missing, B 6"] = await paced(ch, 5, objective_name="batch")
+        return out
+    out = run(lb_epp, go)
+    assert all(is_routed(o) for o in out["waiting 4"]), out["waiting 4"]
+    for case in ("kv 0.8", "A 10, B 0", "A missing, B 6"):
+        for o in out[case]:
+            assert_shed(o, lb_epp)
+
+
+def test_garbage_metrics(lb_epp, backends):
+    a, b = backends
+    set_load(a, waiting=0, kv=0.1)
+    set_load(b, waiting=2, kv=0.2)
+
+    async def go(ch):
+        await poll(ch, to(a.address), streak=3, what="routing to A while its metrics are good")
+        set_load(a, metrics="garbage")
+        await poll(ch, to(b.address), streak=3, what="routing to B while A's /metrics is garbage")
+        on_b = await paced(ch, 20)
+        # Other streams, concurrently: all served.
+        together = await asyncio.gather(*[exchange(ch, objective_name="critical") for _ in range(20)])
+        set_load(a, waiting=0, kv=0.1)
+        await poll(ch, to(a.address), streak=3, timeout=10, what="A winning again once its metrics recover")
+        return on_b, together
+    on_b, together = run(lb_epp, go)
+    assert_all_to(on_b, b.address, lb_epp)
+    assert all(o.dest in (a.address, b.address) and o.code == grpc.StatusCode.OK for o in together), together
+    assert lb_epp.poll() is None, lb_epp.tail()
+    assert epp_gauge(lb_epp, "inference_pool_average_queue_size", name=POOL) is not None
+
+
+@pytest.mark.parametrize("mode", ["hang", "404"])
+def test_unanswered_or_missing_metrics(short_stale_epp, backends, mode):
+    epp = short_stale_epp
+    a, b = backends
+    set_load(a, waiting=0, kv=0.1)
+    set_load(b, waiting=2, kv=0.2)
+
+    async def go(ch):
+        await poll(ch, to(a.address), streak=3, what="routing to A while its metrics are good")
+        set_load(a, metrics=mode)
+        await poll(ch, to(b.address), streak=3, what=f"routing to B while A's /metrics is {mode}")
+        on_b = await paced(ch, 20)
+        together = await asyncio.gather(*[exchange(ch) for _ in range(20)])
+        set_load(a, waiting=0, kv=0.1)
+        await poll(ch, to(a.address), streak=3, timeout=10, what=f"A winning again after {mode}")
+        return on_b, together
+    on_b, together = run(epp, go)
+    assert_all_to(on_b, b.address, epp)
+    assert all(o.dest in (a.address, b.address) and o.code == grpc.StatusCode.OK for o in together), together
+    assert epp.poll() is None, epp.tail()
+
+
+def test_scraping_off(epp_factory, tmp_path_factory):
+    # Backends of its own: the other EPPs of this module scrape A and B.
+    st, quiet = start_backends(tmp_path_factory, ["127.0.0.43", "127.0.0.44"], "lb-quiet")
+    try:
+        for x in quiet:
+            set_load(x, waiting=10, kv=0.9)
+            reset_stats(x)
+        epp = epp_factory(extra=["--scrape-model-server-metrics=false"], endpoints=[x.address for x in quiet],
+                          rules=RULES, name="epp-no-scrape")
+        time.sleep(1.0)
+        assert [backend_stats(x)["metrics_scrapes"] for x in quiet] == [0, 0], epp.tail()
+
+        async def go(ch):
+            return [await exchange(ch, objective_name="batch") for _ in range(5)] + \
+                [await exchange(ch, objective_name="batch", header=LLMD_OBJECTIVE_HEADER), await exchange(ch)]
+        outs = run(epp, go)
+        for o in outs:
+            assert o.dest in (quiet[0].address, quiet[1].address), f"{o}\n{epp.tail()}"
+            assert o.code == grpc.StatusCode.OK
+        assert [backend_stats(x)["metrics_scrapes"] for x in quiet] == [0, 0]
+        assert epp.poll() is None
+    finally:
+        st.stop()
+
+
+def test_pool_gauges(lb_epp, backends):
+    a, b = backends
+    set_load(a, waiting=2, kv=0.2)
+    set_load(b, waiting=4, kv=0.4)
+    wait_gauges(lb_epp, 3.0, 0.3)
+    # Means over endpoints with fresh metrics only: once A's metrics are gone (404, stale after 2 s), B's alone.
+    set_load(a, waiting=2, kv=0.2, metrics="404")
+    wait_gauges(lb_epp, 4.0, 0.4)
+    set_load(a, waiting=0, kv=0.0)
+    set_load(b, waiting=1, kv=0.5)
+    wait_gauges(lb_epp, 0.5, 0.25)
