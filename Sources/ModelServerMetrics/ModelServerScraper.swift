@@ -127,6 +127,10 @@ private final class ScrapeTarget {
     /// Bumped whenever a scrape is abandoned, so late callbacks of the old one are ignored.
     private var generation = 0
     private var failing: Bool?
+    /// After failures, scrapes back off (doubling from the interval up to a second) so that an
+    /// endpoint without metrics is not hammered; the first success resets it.
+    private var consecutiveFailures = 0
+    private var retryAt: NIODeadline?
     private var closed = false
 
     init(record: EndpointRecord, configuration: ModelServerScraper.Configuration, loop: any EventLoop, logger: Logger) {
@@ -148,6 +152,7 @@ private final class ScrapeTarget {
             failed("no answer within \(configuration.timeout.nanoseconds / 1_000_000) ms")
             dropChannel()
         }
+        if let retryAt, now < retryAt { return }
         pendingSince = now
         if let channel, channel.isActive {
             send(on: channel)
@@ -222,6 +227,8 @@ private final class ScrapeTarget {
             guard status == 200 else { return failed("HTTP \(status)") }
             guard let m = VLLMMetrics.parse(body.readableBytesView) else { return failed("no vLLM metrics in the response") }
             record.record(waiting: m.waiting, running: m.running, kvCacheUsage: m.kvCacheUsage)
+            consecutiveFailures = 0
+            retryAt = nil
             if failing != false {
                 if failing == true { logger.info("model server metrics back", metadata: ["url": "\(scrapeURL)"]) }
                 failing = false
@@ -236,6 +243,10 @@ private final class ScrapeTarget {
     }
 
     private func failed(_ why: String) {
+        consecutiveFailures += 1
+        let cap = max(configuration.interval, .seconds(1))
+        let delay = configuration.interval * Int64(1 << min(consecutiveFailures, 20))
+        retryAt = .now() + min(delay, cap)
         if failing != true {
             logger.warning("model server metrics unavailable", metadata: ["url": "\(scrapeURL)", "reason": "\(why)"])
             failing = true
