@@ -486,3 +486,64 @@ def test_h2c_multiplexed_load(seed_gateway, tmp_path):
                          capture_output=True, text=True, timeout=120).stdout
     m = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out)
     assert m and int(m.group(1)) == 2000, out
+
+
+OBJECTIVES = ("---\napiVersion: inference.networking.x-k8s.io/v1alpha2\nkind: InferenceObjective\n"
+              "metadata: { name: batch }\nspec: { priority: -1, poolRef: { name: vllm-pool } }\n")
+
+
+def test_load_aware_picking_and_shedding_through_envoy(gateway_factory, backends):
+    """The picker scrapes the fake vLLMs' /metrics: the loaded one stops getting traffic, and a sheddable
+    objective gets Envoy's 429 (the picker's ImmediateResponse) only while the whole pool is saturated."""
+    gw = gateway_factory(name="load", rules=stack.SEED_RULE + OBJECTIVES)
+    a, b = backends
+
+    def set_load(backend, **load):
+        stack.http_post(f"http://{backend.address}/fake/load", load)
+
+    def served_by(n):
+        out = collections.Counter()
+        for i in range(n):
+            r = request(gw.port, "POST", "/v1/completions", completion(prompt=f"load {i}"))
+            assert r.status == 200, r.body[:300]
+            out[r.headers["x-fake-backend"]] += 1
+            time.sleep(0.02)  # a few per scrape interval, as traffic between two scrapes would be
+        return out
+
+    def settle(want, timeout=10.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            got = served_by(5)
+            if set(got) == {want}:
+                return
+        pytest.fail(f"traffic did not settle on {want}: {got}")
+
+    try:
+        set_load(a, waiting=8, kv=0.9)
+        set_load(b, waiting=0, kv=0.1)
+        settle(b.address)
+        assert served_by(20) == {b.address: 20}
+        set_load(a, waiting=0, kv=0.1)
+        set_load(b, waiting=8, kv=0.9)
+        settle(a.address)
+        assert served_by(20) == {a.address: 20}
+
+        # Both full: sheddable requests are refused by Envoy with the picker's 429, others still go through.
+        set_load(a, waiting=10, kv=0.9)
+        set_load(b, waiting=10, kv=0.9)
+        deadline = time.monotonic() + 10
+        while True:
+            r = request(gw.port, "POST", "/v1/completions", completion(),
+                        headers={"x-gateway-inference-objective": "batch"})
+            if r.status == 429 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert r.status == 429, (r.status, r.body[:300])
+        err = json.loads(r.body)["error"]
+        assert err["code"] == 429 and err["type"] == "too_many_requests", err
+        assert request(gw.port, "POST", "/v1/completions", completion()).status == 200
+        entries = gw.access_log(lambda es: any("epp_pool_saturated" in e["details"] for e in es))
+        assert any("epp_pool_saturated" in e["details"] and str(e["code"]) == "429" for e in entries), entries[-3:]
+    finally:
+        set_load(a)
+        set_load(b)
