@@ -284,8 +284,12 @@ def test_sheddable_requests_refused_when_saturated(lb_epp, backends):
         recovered = await poll(ch, is_routed, streak=3, what="batch routed again after the load went away",
                                objective_name="batch")
         return shed, others, llmd, again, recovered
+    exhausted = 'inference_objective_request_error_total'
+    before = epp_gauge(lb_epp, exhausted, error_code="InferencePoolResourceExhausted") or 0
     shed, others, llmd, again, recovered = run(lb_epp, go)
     assert_shed(shed, lb_epp)
+    # The refusals are counted under the reference's error code (shed, llmd, again; poll may add more).
+    assert (epp_gauge(lb_epp, exhausted, error_code="InferencePoolResourceExhausted") or 0) - before >= 3
     for name, o in others.items():
         assert o.dest in (a.address, b.address), f"{name}: {o}\n{lb_epp.tail()}"
         assert o.code == grpc.StatusCode.OK
