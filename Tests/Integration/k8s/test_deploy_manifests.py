@@ -341,10 +341,11 @@ def test_dockerfile_is_multi_stage_and_minimal():
 
 def test_deployment_args_are_flags_the_binary_accepts(deploy_objects):
     """Every flag the Deployment passes exists in `epp --help` (a renamed flag would crash-loop the pod)."""
-    from conftest import epp_binary
+    import os
+    binary = os.environ.get("EPP_BINARY") or str(REPO / ".build" / "debug" / "epp")
     dep = one(deploy_objects, "Deployment", "epp")
     (c,) = dep["spec"]["template"]["spec"]["containers"]
-    help_text = subprocess.run([str(epp_binary()), "--help"], capture_output=True, text=True, timeout=30).stdout
+    help_text = subprocess.run([binary, "--help"], capture_output=True, text=True, timeout=30).stdout
     known = set(re.findall(r"(--[a-z0-9-]+)", help_text))
     unknown = [a for a in c["args"] if a.split("=", 1)[0] not in known]
     assert not unknown, f"flags not in epp --help: {unknown}"
