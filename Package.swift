@@ -63,6 +63,7 @@ let package = Package(
         .target(name: "InferenceRouting", dependencies: [
             "StreamingJSON",
             .product(name: "Atomics", package: "swift-atomics"),
+            .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
             .product(name: "Logging", package: "swift-log"),
             .product(name: "Yams", package: "Yams"),
         ], swiftSettings: hotPath),

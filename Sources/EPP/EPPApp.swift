@@ -50,6 +50,15 @@ final class EPPApp: Sendable {
         extProc.maxRequestBodyBytes = options.maxRequestBodyBytes
         let scraper = try makeScraper(options, state: source.state, logger: logger)
         extProc.loadPolicy = LoadPolicy(enabled: scraper != nil, stalenessSeconds: options.metricsStalenessThreshold)
+        if scraper != nil && options.prefixCacheScoring {
+            guard options.prefixCacheBlockBytes >= 8, options.prefixCacheBlockBytes % 8 == 0,
+                  (1...4096).contains(options.prefixCacheMaxBlocks), options.prefixCacheCapacity > 0 else {
+                throw ValidationFailure("--prefix-cache-block-bytes must be a positive multiple of 8, --prefix-cache-max-blocks 1-4096, --prefix-cache-capacity positive")
+            }
+            extProc.prefixCache = PrefixCacheIndex(capacity: options.prefixCacheCapacity)
+            extProc.prefixBlockBytes = options.prefixCacheBlockBytes
+            extProc.prefixMaxBlocks = options.prefixCacheMaxBlocks
+        }
         // No metrics listener → nothing recorded on the request path either.
         let metrics = options.metricsPort > 0
             ? InferenceMetrics(poolName: options.poolName, state: source.state, loadPolicy: extProc.loadPolicy) : nil

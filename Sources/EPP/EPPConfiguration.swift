@@ -33,6 +33,10 @@ public struct EPPCommand: AsyncParsableCommand {
     @Option(help: "Seconds after which a model server's last metrics no longer count (stale = unknown load).") var metricsStalenessThreshold: Double = 2
     @Option(help: "Path of the model servers' Prometheus metrics.") var modelServerMetricsPath = "/metrics"
     @Option(help: "Port of the model servers' metrics; 0: the endpoint's own port.") var modelServerMetricsPort = 0
+    @Option(help: "Prefix-cache affinity: prefer endpoints that were sent the same prompt prefix (weighed with the load).") var prefixCacheScoring = true
+    @Option(help: "Prompt bytes per prefix block (~16 tokens).") var prefixCacheBlockBytes = 64
+    @Option(help: "Leading prompt blocks hashed per request.") var prefixCacheMaxBlocks = 64
+    @Option(help: "Prefix blocks remembered (per generation; the oldest generation is forgotten when one fills).") var prefixCacheCapacity = 131_072
 
     public init() {}
 
@@ -50,7 +54,7 @@ public struct EPPCommand: AsyncParsableCommand {
     /// boolean `--flag` meaning true.
     public static func normalize(_ arguments: [String]) -> [String] {
         let booleans: Set<String> = ["--secure-serving", "--restore-model-alias", "--enable-test-echo-service",
-                                     "--scrape-model-server-metrics"]
+                                     "--scrape-model-server-metrics", "--prefix-cache-scoring"]
         var out: [String] = []
         var i = 0
         while i < arguments.count {

@@ -31,6 +31,11 @@ public struct ExtProcConfiguration: Sendable {
     /// Model-server load scoring and shedding of sheddable requests (needs a scraper feeding the
     /// endpoints' load samples); off: fewest in flight, nothing shed.
     public var loadPolicy: LoadPolicy = .off
+    /// Prefix-cache affinity (scored with the load, so only with `loadPolicy` on); nil: off.
+    public var prefixCache: PrefixCacheIndex?
+    /// Prompt bytes per prefix block, and how many leading blocks are hashed.
+    public var prefixBlockBytes = 64
+    public var prefixMaxBlocks = 64
 
     public init() {}
 }

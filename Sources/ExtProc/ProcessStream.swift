@@ -360,6 +360,7 @@ final class ProcessStream: GRPCStreamHandler {
         decideModel()
         let policy = configuration.loadPolicy
         let picked: EndpointRecord?
+        var prefix: PrefixHashes?
         if policy.enabled {
             let now = MonotonicClock.nanoseconds
             // Sheddable (priority < 0) requests wait for a pool with room, as in the reference.
@@ -368,7 +369,17 @@ final class ProcessStream: GRPCStreamHandler {
                 fail(.saturated(objective: info.objective ?? ""), stream)
                 return nil
             }
-            picked = snapshot.endpoints.pick(subset: info.subset, policy: policy, now: now, using: &rng)
+            // Prefix affinity is weighed against load: without fresh load samples it is not
+            // used, and not recorded either (the index learns while it can matter).
+            if let index = configuration.prefixCache,
+               snapshot.endpoints.hasFreshLoad(subset: info.subset, policy: policy, now: now),
+               let hashes = prefixHashes() {
+                prefix = hashes
+                picked = snapshot.endpoints.pick(subset: info.subset, policy: policy, now: now,
+                                                 prefix: PrefixMatch(hashes, index: index), using: &rng)
+            } else {
+                picked = snapshot.endpoints.pick(subset: info.subset, policy: policy, now: now, using: &rng)
+            }
         } else {
             picked = snapshot.endpoints.pick(subset: info.subset, using: &rng)
         }
@@ -380,6 +391,7 @@ final class ProcessStream: GRPCStreamHandler {
         }
         record.begin()
         endpoint = record
+        if let prefix, let index = configuration.prefixCache { index.record(prefix, sentTo: record) }
         routed = true
         observerToken = observer?.requestRouted(model: clientModel, targetModel: targetModel, rewriteName: rewriteName)
         let address = record.endpoint.address
@@ -400,6 +412,30 @@ final class ProcessStream: GRPCStreamHandler {
             ])
         }
         return RouteDecision(changes: changes, address: address)
+    }
+
+    /// Hashes of the prompt's leading blocks (the first top-level prompt / messages / input value,
+    /// raw JSON bytes) among the body held so far, seeded with the target model; nil when not even
+    /// one whole block has arrived.
+    private func prefixHashes() -> PrefixHashes? {
+        guard let start = scanner.contentValueStart, start >= heldOffset else { return nil }
+        let limit = configuration.prefixBlockBytes * configuration.prefixMaxBlocks
+        var bytes: [UInt8] = []
+        var offset = heldOffset
+        for chunk in held {
+            let n = chunk.readableBytes
+            defer { offset += n }
+            guard offset + n > start else { continue }
+            let from = max(0, start - offset)
+            let take = min(n - from, limit - bytes.count)
+            if take <= 0 { break }
+            if bytes.isEmpty { bytes.reserveCapacity(min(limit, n - from)) }
+            bytes.append(contentsOf: chunk.readableBytesView.dropFirst(from).prefix(take))
+            if bytes.count >= limit { break }
+        }
+        guard bytes.count >= configuration.prefixBlockBytes else { return nil }
+        return PrefixHashes(bytes, model: targetModel ?? clientModel ?? "",
+                            blockSize: configuration.prefixBlockBytes, maxBlocks: configuration.prefixMaxBlocks)
     }
 
     private func routeAndReplyHeaders(_ stream: GRPCServerStream) {

@@ -52,6 +52,8 @@ public struct LoadPolicy: Sendable, Equatable {
     public var stalenessNanos: UInt64
     public var queueWeight: Double = 2
     public var kvCacheWeight: Double = 2
+    /// Weight of prefix-cache affinity (used when the request carries prefix hashes).
+    public var prefixWeight: Double = 3
     /// Saturation: an endpoint is full at this many waiting requests…
     public var queueDepthThreshold: Double = 5
     /// …or at this KV-cache utilization.

@@ -94,11 +94,14 @@ public final class EndpointRecord: Sendable {
     public let endpoint: Endpoint
     private let inFlight: ManagedAtomic<Int>
     private let loadSample: ManagedAtomic<EndpointLoad?>
+    /// Prefix-cache index slot: `epoch << 6 | slot`, -1 before the first prefix was recorded.
+    private let prefixSlotToken: ManagedAtomic<Int>
 
     public init(endpoint: Endpoint) {
         self.endpoint = endpoint
         self.inFlight = ManagedAtomic(0)
         self.loadSample = ManagedAtomic(nil)
+        self.prefixSlotToken = ManagedAtomic(-1)
     }
 
     /// A record for changed metadata (e.g. pod name) at the same address: shares the counter
@@ -107,6 +110,17 @@ public final class EndpointRecord: Sendable {
         self.endpoint = endpoint
         self.inFlight = other.inFlight
         self.loadSample = other.loadSample
+        self.prefixSlotToken = other.prefixSlotToken
+    }
+
+    func setPrefixSlot(_ slot: Int, epoch: Int) {
+        prefixSlotToken.store(epoch << 6 | slot, ordering: .relaxed)
+    }
+
+    @inline(__always)
+    func prefixSlot(epoch: Int) -> Int {
+        let t = prefixSlotToken.load(ordering: .relaxed)
+        return t >= 0 && t >> 6 == epoch ? t & 63 : -1
     }
 
     /// Call when a request is sent to this endpoint.
@@ -176,12 +190,13 @@ public final class EndpointSet: Sendable {
     /// Picks an endpoint for a request.
     ///
     /// With load scoring on, candidates with a fresh load sample are scored as the reference EPP
-    /// does (queue depth ×2: `(maxQ − q)/(maxQ − minQ)`, KV cache ×2: `1 − kv`) and the highest
-    /// wins, ties to the fewest in flight, then at random. Without fresh samples (or with scoring
+    /// does (queue depth ×2: `(maxQ − q)/(maxQ − minQ)`, KV cache ×2: `1 − kv`, and with `prefix`
+    /// prefix-cache affinity ×3: the share of the prompt's leading blocks the endpoint was sent
+    /// before) and the highest wins, ties to the fewest in flight, then at random. Without fresh samples (or with scoring
     /// off) the candidate with the fewest requests in flight wins, ties at random.
     /// - Parameter subset: nil = all endpoints; otherwise only these addresses (unknown ones
     ///   are ignored; empty → nil).
-    public func pick(subset: [String]?, policy: LoadPolicy, now: UInt64,
+    public func pick(subset: [String]?, policy: LoadPolicy, now: UInt64, prefix: PrefixMatch? = nil,
                      using rng: inout some RandomNumberGenerator) -> EndpointRecord? {
         guard policy.enabled else { return pick(subset: subset, using: &rng) }
         // Pass 1: the queue range among fresh candidates.
@@ -201,7 +216,8 @@ public final class EndpointSet: Sendable {
             guard let l = r.freshLoad(now: now, policy) else { return }
             let q = min(maxQ, max(minQ, r.queueEstimate(l)))  // counts may have moved since pass 1
             let queueScore = span > 0 ? Double(maxQ - q) / span : 1
-            let score = policy.queueWeight * queueScore + policy.kvCacheWeight * (1 - l.kvCacheUsage)
+            var score = policy.queueWeight * queueScore + policy.kvCacheWeight * (1 - l.kvCacheUsage)
+            if let prefix { score += policy.prefixWeight * prefix.score(of: r) }
             let f = r.inFlightCount
             if score > bestScore + 1e-9 || (score >= bestScore - 1e-9 && f < bestInFlight) {
                 best = r; bestScore = max(score, bestScore); bestInFlight = f; ties = 1
@@ -211,6 +227,14 @@ public final class EndpointSet: Sendable {
             }
         }
         return best ?? pick(subset: subset, using: &rng)
+    }
+
+    /// Whether any candidate has a fresh load sample (scoring, and so prefix affinity, applies).
+    public func hasFreshLoad(subset: [String]?, policy: LoadPolicy, now: UInt64) -> Bool {
+        guard policy.enabled else { return false }
+        var any = false
+        forEachCandidate(subset) { r in if !any && r.freshLoad(now: now, policy) != nil { any = true } }
+        return any
     }
 
     /// Whether the candidates are saturated (the reference's default detector): per endpoint

@@ -72,6 +72,9 @@ public struct RequestBodyScanner: Sendable {
     private let maxKeyBytes: Int
     /// Bit i set = `presenceKeys[i]` seen at top level.
     public private(set) var presentKeyMask: UInt64 = 0
+    /// Absolute offset where the value of the first top-level presence key (the prompt, messages
+    /// or input) begins: the bytes prefix-cache affinity hashes.
+    public private(set) var contentValueStart: Int?
     private let presenceKeyNames: [String]
 
     public init(configuration: Configuration = Configuration()) {
@@ -104,7 +107,7 @@ public struct RequestBodyScanner: Sendable {
     }
 
     private enum Role: UInt8 { case skip, key, model, affinity }
-    private enum Member: UInt8 { case other, model, stream, affinity }
+    private enum Member: UInt8 { case other, model, stream, affinity, content }
 
     private var state: State = .start
     private var depth = 0
@@ -351,6 +354,7 @@ public struct RequestBodyScanner: Sendable {
     private mutating func startValue(_ b: UInt8, at offset: Int) {
         let top = depth == 1
         let m: Member = top ? member : .other
+        if m == .content && contentValueStart == nil { contentValueStart = offset }
         switch b {
         case 0x22:
             if m == .model { modelType = .string }
@@ -659,6 +663,7 @@ public struct RequestBodyScanner: Sendable {
         }
         for idx in presenceKeyNames.indices where Self.equal(k, presenceKeyNames[idx]) {
             presentKeyMask |= 1 << UInt64(idx)
+            if member == .other && contentValueStart == nil { member = .content }
         }
     }
 }

@@ -129,6 +129,31 @@ final class RequestBodyScannerTests: XCTestCase {
         XCTAssertFalse(s.hasKey("input"))
     }
 
+    func testContentValueStartIsTheFirstTopLevelPromptLikeValue() {
+        func start(_ body: String, chunk: Int = 1) -> Int? {
+            var s = RequestBodyScanner(configuration: .init(affinityField: "user"))
+            let bytes = Array(body.utf8)
+            var pos = 0
+            while pos < bytes.count {
+                let n = min(chunk, bytes.count - pos)
+                _ = s.feed(bytes[pos..<(pos + n)])
+                pos += n
+            }
+            _ = s.finish()
+            return s.contentValueStart
+        }
+        let completion = #"{"model":"m", "prompt" :  "hello", "max_tokens":3}"#
+        XCTAssertEqual(start(completion), Array(completion.utf8).firstIndex(of: UInt8(ascii: "h"))! - 1)
+        let chat = #"{"x":{"prompt":"nested"},"messages":[{"role":"user"}],"input":"later","model":"m"}"#
+        XCTAssertEqual(start(chat, chunk: 3), Array(chat.utf8).firstIndex(of: UInt8(ascii: "["))!)
+        XCTAssertNil(start(#"{"model":"m","user":"u"}"#))
+        // The affinity field is not content even when named like one.
+        var s = RequestBodyScanner(configuration: .init(affinityField: "input"))
+        let body = #"{"input":"a","prompt":"b"}"#
+        _ = s.feed(Array(body.utf8))
+        XCTAssertEqual(s.contentValueStart, Array(body.utf8).lastIndex(of: UInt8(ascii: "b"))! - 1)
+    }
+
     func testModelAvailableEarlyAfterHugePrompt() {
         let prompt = String(repeating: "lorem ipsum \\\" é ", count: 65_536) // > 1 MiB
         let head = Array(#"{"prompt":""#.utf8) + Array(prompt.utf8) + Array(#"","model":"big","#.utf8)

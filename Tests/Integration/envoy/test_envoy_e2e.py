@@ -547,3 +547,21 @@ def test_load_aware_picking_and_shedding_through_envoy(gateway_factory, backends
     finally:
         set_load(a)
         set_load(b)
+
+
+def test_prefix_affinity_through_envoy(seed_gateway):
+    """Requests sharing a long prompt prefix land on one backend (its KV cache has the prefix), while
+    different prefixes still use both backends; the fake backends report equal, idle load."""
+    system = "You are a helpful assistant who answers briefly. " * 24
+    homes = {}
+    for j in range(14):
+        dests = set()
+        for i in range(4):
+            r = request(seed_gateway.port, "POST", "/v1/completions",
+                        completion(model=STABLE, prompt=f"conversation {j:02d}: {system} question {i}"))
+            assert r.status == 200, r.body[:300]
+            dests.add(r.headers["x-fake-backend"])
+            time.sleep(0.02)
+        assert len(dests) == 1, f"conversation {j} spread over {dests}"
+        homes[j] = dests.pop()
+    assert len(set(homes.values())) == 2, homes

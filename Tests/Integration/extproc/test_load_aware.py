@@ -123,12 +123,12 @@ def run(epp, coro_fn, timeout=120):
     return asyncio.run(main())
 
 
-async def exchange(ch, objective_name=None, header=OBJECTIVE_HEADER, model="opt-stable"):
+async def exchange(ch, objective_name=None, header=OBJECTIVE_HEADER, model="opt-stable", prompt="load-aware picking"):
     """One request as Envoy drives it (FULL_DUPLEX, whole body in one message). Routed: the response phase is
     played too (the backend echoes the model) and dest is the destination header. Refused: immediate is the
     ImmediateResponse."""
     hdrs = {header: objective_name} if objective_name is not None else {}
-    body = json.dumps({"model": model, "prompt": "load-aware picking", "max_tokens": 3}).encode()
+    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": 3}).encode()
     s = Stream(ch)
     try:
         await s.send(req_headers(headers=hdrs), req_body(body, eos=True))
@@ -419,3 +419,59 @@ def test_pool_gauges(lb_epp, backends):
     set_load(a, waiting=0, kv=0.0)
     set_load(b, waiting=1, kv=0.5)
     wait_gauges(lb_epp, 0.5, 0.25)
+
+
+# -- prefix-cache affinity ---------------------------------------------------------------------------------------
+
+# No rewrite rule matches this model: the seed rule's 90/10 split would give one prompt two target models,
+# and prefix blocks are hashed per target model (the KV cache holds one model's blocks).
+DIRECT = "facebook/opt-125m"
+
+
+def shared_prefix(j):
+    """A long system prompt (~1.2 KB, about 18 blocks of 64 bytes) that differs per conversation j."""
+    return f"conversation {j:03d}: " + "You are a helpful assistant who answers briefly. " * 24
+
+
+def test_prefix_affinity_keeps_a_prompt_prefix_on_one_endpoint(lb_epp, backends):
+    """With equal load, requests sharing a prompt prefix go where that prefix went before (its KV cache is
+    there); different prefixes still spread over the pool; a loaded endpoint loses its prefixes."""
+    a, b = backends
+    for x in backends:
+        set_load(x, waiting=0, kv=0.1)
+
+    async def go(ch):
+        await poll(ch, is_routed, what="first routed request")
+        await asyncio.sleep(0.3)  # both endpoints scraped at least once: fresh samples on both
+        homes, followers = {}, {}
+        for j in range(12):
+            first = await exchange(ch, prompt=shared_prefix(j) + "first question", model=DIRECT)
+            homes[j] = first.dest
+            followers[j] = [(await exchange(ch, prompt=shared_prefix(j) + f"question {i}", model=DIRECT)).dest for i in range(6)]
+            await asyncio.sleep(PACE)
+        # Load beats affinity: conversation 0's home becomes busy, its next requests go elsewhere.
+        home = homes[0]
+        other = b.address if home == a.address else a.address
+        set_load(a if home == a.address else b, waiting=8, kv=0.9)
+        moved = await poll(ch, to(other), streak=3, what="conversation 0 leaving its loaded home",
+                           prompt=shared_prefix(0) + "later question", model=DIRECT)
+        return homes, followers, moved
+    homes, followers, moved = run(lb_epp, go)
+    for j, dests in followers.items():
+        assert set(dests) == {homes[j]}, f"conversation {j}: first on {homes[j]}, then {dests}\n{lb_epp.tail()}"
+    assert set(homes.values()) == {a.address, b.address}, f"12 prefixes all on one endpoint: {homes}"
+
+
+def test_prefix_affinity_off(epp_factory, backends):
+    """--prefix-cache-scoring=false: the same prefix spreads like any other request (equal load)."""
+    epp = epp_factory(extra=["--prefix-cache-scoring=false"], endpoints=[b.address for b in backends], rules=RULES,
+                      name="epp-no-prefix")
+    for x in backends:
+        set_load(x, waiting=0, kv=0.1)
+
+    async def go(ch):
+        await poll(ch, is_routed, what="first routed request")
+        await asyncio.sleep(0.3)
+        return [(await exchange(ch, prompt=shared_prefix(99) + f"question {i}", model=DIRECT)).dest for i in range(40)]
+    dests = collections.Counter(run(epp, go))
+    assert set(dests) == {b.address for b in backends} and min(dests.values()) >= 5, dests

@@ -1,0 +1,155 @@
+import Atomics
+import NIOConcurrencyHelpers
+
+/// Approximate prefix-cache affinity, as the reference EPP's prefix scorer: the prompt is cut into
+/// fixed-size blocks, each block's hash chained to the previous one (seeded with the target model),
+/// so equal hashes mean equal prefixes. The index remembers which endpoints were sent which block
+/// hashes; an endpoint that already saw a request's first k blocks probably holds them in its KV
+/// cache, so sending the request there skips recomputing them.
+public struct PrefixHashes: Sendable {
+    public let hashes: [UInt64]
+
+    /// Hashes of the whole `blockSize`-byte blocks of `bytes`, at most `maxBlocks`.
+    public init(_ bytes: [UInt8], model: String, blockSize: Int = 64, maxBlocks: Int = 64) {
+        var seed: UInt64 = 0xcbf2_9ce4_8422_2325  // FNV-1a of the target model
+        for b in model.utf8 { seed = (seed ^ UInt64(b)) &* 0x0000_0100_0000_01B3 }
+        let n = min(bytes.count / max(8, blockSize), maxBlocks)
+        let size = max(8, blockSize) & ~7
+        var out: [UInt64] = []
+        out.reserveCapacity(n)
+        var h = seed
+        var i = 0
+        for _ in 0..<n {
+            // Word-wise multiply-xorshift mixing; the chain value carries the whole prefix.
+            for _ in 0..<(size / 8) {
+                var w: UInt64 = 0
+                for k in 0..<8 { w |= UInt64(bytes[i + k]) << (8 * UInt64(k)) }
+                h = (h ^ w) &* 0x9E37_79B9_7F4A_7C15
+                h ^= h >> 29
+                i += 8
+            }
+            h = (h ^ (h >> 32)) &* 0xD6E8_FEB8_6659_FD93
+            out.append(h)
+        }
+        hashes = out
+    }
+
+    public var isEmpty: Bool { hashes.isEmpty }
+}
+
+/// Which endpoints were sent which prefix blocks. Bounded memory: two generations of at most
+/// `capacity` blocks each; when the current one fills it becomes the previous one and the oldest is
+/// dropped, so blocks not seen for a while are forgotten (an LRU by generations). Up to 64
+/// endpoints are tracked at once (one bit each); a 65th distinct endpoint starts the index afresh.
+public final class PrefixCacheIndex: Sendable {
+    private struct State {
+        var current: [UInt64: UInt64] = [:]
+        var previous: [UInt64: UInt64] = [:]
+        var slots: [String: Int] = [:]
+    }
+
+    private let state = NIOLockedValueBox(State())
+    /// Bumped when the index starts afresh; a record's slot is only valid in its epoch.
+    private let epoch = ManagedAtomic(0)
+    public let capacity: Int
+
+    public init(capacity: Int = 131_072) {
+        self.capacity = max(1, capacity)
+    }
+
+    /// For each leading block i, the endpoint bits that saw blocks 0...i; stops at the first block
+    /// no endpoint saw.
+    public func prefixMasks(_ prefix: PrefixHashes) -> [UInt64] {
+        guard !prefix.isEmpty else { return [] }
+        return state.withLockedValue { s in
+            var out: [UInt64] = []
+            var alive = UInt64.max
+            for h in prefix.hashes {
+                alive &= (s.current[h] ?? 0) | (s.previous[h] ?? 0)
+                if alive == 0 { break }
+                out.append(alive)
+            }
+            return out
+        }
+    }
+
+    /// Records that `prefix` was sent to `record`'s endpoint.
+    public func record(_ prefix: PrefixHashes, sentTo record: EndpointRecord) {
+        guard !prefix.isEmpty else { return }
+        let address = record.endpoint.address
+        let capacity = self.capacity
+        let slot: Int = state.withLockedValue { s in
+            let slot: Int
+            if let known = s.slots[address] {
+                slot = known
+            } else {
+                if s.slots.count == 64 {  // endpoints churned past 64: start afresh
+                    s = State()
+                    epoch.wrappingIncrement(ordering: .releasing)
+                }
+                slot = s.slots.count
+                s.slots[address] = slot
+            }
+            let bit: UInt64 = 1 << UInt64(slot)
+            for h in prefix.hashes {
+                if let m = s.current[h] {
+                    if m & bit == 0 { s.current[h] = m | bit }
+                } else {
+                    s.current[h] = (s.previous[h] ?? 0) | bit
+                    if s.current.count >= capacity {
+                        s.previous = s.current
+                        s.current = [:]
+                        s.current.reserveCapacity(min(capacity, 4096))
+                    }
+                }
+            }
+            return slot
+        }
+        record.setPrefixSlot(slot, epoch: epoch.load(ordering: .acquiring))
+    }
+
+    /// The bit of `record` in the masks, or -1 when it has none in the current epoch.
+    @inline(__always)
+    public func slot(of record: EndpointRecord) -> Int {
+        record.prefixSlot(epoch: epoch.load(ordering: .relaxed))
+    }
+
+    /// Number of blocks in the index (both generations, shared blocks counted twice).
+    public var count: Int { state.withLockedValue { $0.current.count + $0.previous.count } }
+}
+
+extension Array where Element == UInt64 {
+    /// How many leading blocks the endpoint with this bit saw (masks from `prefixMasks`).
+    @inline(__always)
+    public func matchedBlocks(slot: Int) -> Int {
+        guard slot >= 0 else { return 0 }
+        let bit: UInt64 = 1 << UInt64(slot)
+        // The masks only lose bits as i grows: binary search for the last one with the bit.
+        var lo = 0, hi = count
+        while lo < hi {
+            let mid = (lo + hi) / 2
+            if self[mid] & bit != 0 { lo = mid + 1 } else { hi = mid }
+        }
+        return lo
+    }
+}
+
+/// A request's prefix blocks matched against the index, ready for scoring candidates.
+public struct PrefixMatch {
+    public let masks: [UInt64]
+    public let blocks: Int
+    public let index: PrefixCacheIndex
+
+    public init(_ prefix: PrefixHashes, index: PrefixCacheIndex) {
+        self.masks = index.prefixMasks(prefix)
+        self.blocks = prefix.hashes.count
+        self.index = index
+    }
+
+    /// Share (0…1) of the prompt's leading blocks `record` was sent before.
+    @inline(__always)
+    public func score(of record: EndpointRecord) -> Double {
+        guard blocks > 0, !masks.isEmpty else { return 0 }
+        return Double(masks.matchedBlocks(slot: index.slot(of: record))) / Double(blocks)
+    }
+}

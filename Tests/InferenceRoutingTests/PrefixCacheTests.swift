@@ -1,0 +1,83 @@
+import XCTest
+@testable import InferenceRouting
+
+final class PrefixCacheTests: XCTestCase {
+    let policy = LoadPolicy(enabled: true, stalenessSeconds: 1)
+    let t0: UInt64 = 100_000_000_000
+
+    private func bytes(_ s: String) -> [UInt8] { Array(s.utf8) }
+    private let system = String(repeating: "You are a helpful assistant who answers briefly. ", count: 24)
+
+    func testChainedBlockHashes() {
+        let a = PrefixHashes(bytes(system + "question one"), model: "m")
+        let b = PrefixHashes(bytes(system + "question two, longer"), model: "m")
+        XCTAssertEqual(a.hashes.count, (system.utf8.count + 12) / 64)
+        XCTAssertEqual(a.hashes.prefix(18), b.hashes.prefix(18))  // 1152 shared bytes = 18 blocks
+        // A different model or an earlier difference changes every block from there on.
+        let c = PrefixHashes(bytes(system + "question one"), model: "other")
+        XCTAssertTrue(zip(a.hashes, c.hashes).allSatisfy { $0 != $1 })
+        let d = PrefixHashes(bytes("X" + system.dropFirst() + "question one"), model: "m")
+        XCTAssertTrue(zip(a.hashes, d.hashes).allSatisfy { $0 != $1 })
+        // Partial blocks are not hashed; at most maxBlocks are.
+        XCTAssertTrue(PrefixHashes(bytes(String(repeating: "x", count: 63)), model: "m").isEmpty)
+        XCTAssertEqual(PrefixHashes(bytes(system), model: "m", maxBlocks: 4).hashes.count, 4)
+    }
+
+    func testIndexMatchesLeadingBlocksPerEndpoint() throws {
+        let set = EndpointSet(endpoints: try EndpointSet.parse(list: "10.0.0.1:80,10.0.0.2:80"))
+        let index = PrefixCacheIndex()
+        let p = PrefixHashes(bytes(system + "q1"), model: "m")
+        index.record(p, sentTo: set.records[0])
+        let q = PrefixHashes(bytes(String(system.prefix(640)) + String(repeating: "z", count: 600)), model: "m")
+        let m = PrefixMatch(q, index: index)
+        XCTAssertEqual(m.masks.count, 10)  // the first 640 bytes match
+        XCTAssertEqual(m.score(of: set.records[0]), 10.0 / Double(q.hashes.count), accuracy: 1e-12)
+        XCTAssertEqual(m.score(of: set.records[1]), 0)
+        index.record(q, sentTo: set.records[1])
+        let both = PrefixMatch(q, index: index)
+        XCTAssertEqual(both.score(of: set.records[1]), 1, accuracy: 1e-12)
+        XCTAssertEqual(both.score(of: set.records[0]), 10.0 / Double(q.hashes.count), accuracy: 1e-12)
+    }
+
+    func testEqualLoadFollowsThePrefixButLoadWins() throws {
+        let set = EndpointSet(endpoints: try EndpointSet.parse(list: "10.0.0.1:80,10.0.0.2:80"))
+        let index = PrefixCacheIndex()
+        for r in set.records { r.record(waiting: 0, running: 0, kvCacheUsage: 0.1, at: t0) }
+        let p = PrefixHashes(bytes(system + "first"), model: "m")
+        index.record(p, sentTo: set.records[1])
+        var rng = SplitMix64(seed: 5)
+        for i in 0..<200 {
+            let q = PrefixHashes(bytes(system + "follow-up \(i)"), model: "m")
+            XCTAssertEqual(set.pick(subset: nil, policy: policy, now: t0, prefix: PrefixMatch(q, index: index),
+                                   using: &rng)?.endpoint.address, "10.0.0.2:80")
+        }
+        // Prefix ×3 against queue ×2 + KV cache ×2: a busy, full endpoint loses its prefixes.
+        set.records[1].record(waiting: 8, running: 0, kvCacheUsage: 0.9, at: t0)
+        let q = PrefixHashes(bytes(system + "later"), model: "m")
+        XCTAssertEqual(set.pick(subset: nil, policy: policy, now: t0, prefix: PrefixMatch(q, index: index),
+                               using: &rng)?.endpoint.address, "10.0.0.1:80")
+    }
+
+    func testGenerationsForgetOldBlocks() throws {
+        let set = EndpointSet(endpoints: try EndpointSet.parse(list: "10.0.0.1:80"))
+        let index = PrefixCacheIndex(capacity: 40)
+        let old = PrefixHashes(bytes(system), model: "m")  // 18 blocks
+        index.record(old, sentTo: set.records[0])
+        XCTAssertEqual(PrefixMatch(old, index: index).masks.count, 18)
+        for k in 0..<6 { index.record(PrefixHashes(bytes("\(k)" + system), model: "m"), sentTo: set.records[0]) }
+        XCTAssertEqual(PrefixMatch(old, index: index).masks.count, 0)
+        XCTAssertLessThanOrEqual(index.count, 80)
+    }
+
+    func testMoreThan64EndpointsStartAfresh() throws {
+        let set = EndpointSet(endpoints: try EndpointSet.parse(list: (0..<65).map { "10.0.1.\($0):80" }.joined(separator: ",")))
+        let index = PrefixCacheIndex()
+        let p = PrefixHashes(bytes(system), model: "m")
+        for r in set.records.prefix(64) { index.record(p, sentTo: r) }
+        XCTAssertEqual(PrefixMatch(p, index: index).score(of: set.records[63]), 1)
+        index.record(p, sentTo: set.records[64])
+        let m = PrefixMatch(p, index: index)
+        XCTAssertEqual(m.score(of: set.records[64]), 1)
+        XCTAssertEqual(m.score(of: set.records[0]), 0)  // its slot belongs to the old epoch
+    }
+}
