@@ -123,6 +123,24 @@ final class ModelServerScraperTests: XCTestCase {
         }
     }
 
+    func testOversizedResponseIsDropped() async throws {
+        // setUp's scraper takes up to 8 MiB; this one 1 KiB.
+        var config = ModelServerScraper.Configuration()
+        config.interval = .milliseconds(20)
+        config.maxBodyBytes = 1024
+        let set = EndpointSet(endpoints: [record.endpoint])
+        let small = ModelServerScraper(configuration: config, eventLoop: group.next(), endpoints: { set },
+                                       logger: Logger(label: "test"))
+        let padding = String(repeating: "# padding line of a large exposition\n", count: 100)
+        server.mode.withLockedValue { $0 = .metrics(padding + "vllm:num_requests_waiting 3\n") }
+        small.start()
+        try await waitFor("several scrapes") { server.requests.value >= 3 }
+        XCTAssertNil(set.records[0].load, "a response over the cap must not count")
+        server.mode.withLockedValue { $0 = .metrics("vllm:num_requests_waiting 3\n") }
+        try await waitFor("a small response counts") { set.records[0].load?.waiting == 3 }
+        await small.shutdown()
+    }
+
     func testHungScrapeTimesOutAndReconnects() async throws {
         server.mode.withLockedValue { $0 = .hang }
         scraper.start()
