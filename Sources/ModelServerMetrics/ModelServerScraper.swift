@@ -10,7 +10,8 @@ import NIOPosix
 /// All state lives on one event loop (give it one of its own, so parsing never delays the request
 /// path). One keep-alive HTTP/1.1 connection per endpoint and at most one scrape outstanding per
 /// endpoint; a scrape that has not answered within the timeout closes its connection and counts
-/// as a failure. Failures leave the last sample to age out (the policy's staleness threshold).
+/// as a failure. Failures leave the last sample to age out (the policy's staleness threshold) and
+/// back the endpoint's scrapes off (the interval doubling, up to a second), logged once per change.
 public final class ModelServerScraper: Sendable {
     public struct Configuration: Sendable {
         public var path = "/metrics"
