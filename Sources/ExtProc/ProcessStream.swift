@@ -225,7 +225,7 @@ final class ProcessStream: GRPCStreamHandler {
         if endOfStream || scanner.progress == .complete {
             // A finished document without a usable model is refused before anything is routed.
             if let error = finalValidation() { return fail(error, stream) }
-        } else if !readyToRoute() {
+        } else if !readyToRoute() || awaitingPrefix() {
             return
         }
         routeAndReplyHeaders(stream)
@@ -276,6 +276,21 @@ final class ProcessStream: GRPCStreamHandler {
         case .incomplete:
             return false
         }
+    }
+
+    /// With prefix-cache affinity in play, routing waits until the prompt's hashed blocks (at most
+    /// `prefixBlockBytes × prefixMaxBlocks`, 4 KiB by default) have arrived, so that every request
+    /// of a conversation is matched on the same blocks however the gateway chunked its body; a few
+    /// KiB more at most, then the body streams as before.
+    private func awaitingPrefix() -> Bool {
+        guard configuration.prefixCache != nil, configuration.loadPolicy.enabled,
+              let snapshot, info.api.requiresModel else { return false }
+        let limit = configuration.prefixBlockBytes * configuration.prefixMaxBlocks
+        if let start = scanner.contentValueStart, scanner.bytesScanned - start >= limit { return false }
+        // Past this much body with no prompt-like field yet, stop waiting for one.
+        if scanner.contentValueStart == nil && scanner.bytesScanned >= 4 * limit { return false }
+        return snapshot.endpoints.hasFreshLoad(subset: info.subset, policy: configuration.loadPolicy,
+                                               now: MonotonicClock.nanoseconds)
     }
 
     /// Checks made once the whole body has been scanned.

@@ -553,6 +553,9 @@ def test_prefix_affinity_through_envoy(seed_gateway):
     """Requests sharing a long prompt prefix land on one backend (its KV cache has the prefix), while
     different prefixes still use both backends; the fake backends report equal, idle load."""
     system = "You are a helpful assistant who answers briefly. " * 24
+    for b in seed_gateway.backends:  # equal, idle load, and time for the picker to scrape it
+        stack.http_post(f"http://{b.address}/fake/load", {})
+    time.sleep(1.0)
     homes = {}
     for j in range(14):
         dests = set()

@@ -229,6 +229,21 @@ def epp_gauge(epp, metric, **labels):
     return None
 
 
+def epp_sum(epp, metric, **labels):
+    """Sum over every series of `metric` whose labels include `labels` (0 when there is none)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{epp.metrics_port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        m = re.fullmatch(r"([a-zA-Z_:][\w:]*)(?:\{(.*)\})?\s+(\S+)", line.strip())
+        if line.startswith("#") or not m or m.group(1) != metric:
+            continue
+        got = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(2) or ""))
+        if all(got.get(k) == v for k, v in labels.items()):
+            total += float(m.group(3))
+    return total
+
+
 def wait_gauges(epp, queue, kv, timeout=SETTLE):
     deadline = time.monotonic() + timeout
     while True:
@@ -285,11 +300,12 @@ def test_sheddable_requests_refused_when_saturated(lb_epp, backends):
                                objective_name="batch")
         return shed, others, llmd, again, recovered
     exhausted = 'inference_objective_request_error_total'
-    before = epp_gauge(lb_epp, exhausted, error_code="InferencePoolResourceExhausted") or 0
+    # One series per model/target pair: the seed rule's split gives the refused requests two targets.
+    before = epp_sum(lb_epp, exhausted, error_code="InferencePoolResourceExhausted")
     shed, others, llmd, again, recovered = run(lb_epp, go)
     assert_shed(shed, lb_epp)
     # The refusals are counted under the reference's error code (shed, llmd, again; poll may add more).
-    assert (epp_gauge(lb_epp, exhausted, error_code="InferencePoolResourceExhausted") or 0) - before >= 3
+    assert epp_sum(lb_epp, exhausted, error_code="InferencePoolResourceExhausted") - before >= 3
     for name, o in others.items():
         assert o.dest in (a.address, b.address), f"{name}: {o}\n{lb_epp.tail()}"
         assert o.code == grpc.StatusCode.OK
@@ -442,7 +458,7 @@ def test_prefix_affinity_keeps_a_prompt_prefix_on_one_endpoint(lb_epp, backends)
 
     async def go(ch):
         await poll(ch, is_routed, what="first routed request")
-        await asyncio.sleep(0.3)  # both endpoints scraped at least once: fresh samples on both
+        await asyncio.sleep(1.0)  # both endpoints scraped since the loads were set: fresh, equal samples
         homes, followers = {}, {}
         for j in range(12):
             first = await exchange(ch, prompt=shared_prefix(j) + "first question", model=DIRECT)
@@ -471,7 +487,60 @@ def test_prefix_affinity_off(epp_factory, backends):
 
     async def go(ch):
         await poll(ch, is_routed, what="first routed request")
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(1.0)
         return [(await exchange(ch, prompt=shared_prefix(99) + f"question {i}", model=DIRECT)).dest for i in range(40)]
     dests = collections.Counter(run(epp, go))
     assert set(dests) == {b.address for b in backends} and min(dests.values()) >= 5, dests
+
+
+def test_prefix_blocks_are_awaited_then_the_body_streams(lb_epp, backends):
+    """With fresh load samples and prefix affinity on, routing waits for the prompt's hashed blocks (4 KiB)
+    instead of routing on the model alone, so one conversation matches on the same blocks however the
+    gateway chunks its bodies; after that the rest of a large body still streams before it ends."""
+    for x in backends:
+        set_load(x, waiting=0, kv=0.1)
+    head = json.dumps({"model": DIRECT, "max_tokens": 3})[:-1].encode() + b', "prompt": "'
+    system = shared_prefix(500).encode()
+
+    async def one(ch, chunk, tail=b"x" * 20_000):
+        s = Stream(ch)
+        await s.send(req_headers(), req_body(head))
+        early_quiet = await s.no_reply_within(0.3)  # only the model so far: no routing yet
+        body = system * 4 + tail + b'"}'
+        pos = 0
+        while True:
+            piece = body[pos:pos + chunk]
+            pos += len(piece)
+            await s.send(req_body(piece, eos=pos >= len(body)))
+            if pos >= len(body) or not await s.no_reply_within(0.05):
+                break
+        reply = await s.recv_pending()
+        assert kind(reply) == "request_headers", reply
+        routed_after = pos
+        rest = body[pos:]
+        if rest:
+            await s.send(req_body(rest, eos=True))
+        await s.collect_request()
+        await s.send(resp_headers())
+        await s.recv()
+        await s.send(resp_body(b'{"model":"' + DIRECT.encode() + b'","choices":[]}', eos=True))
+        while True:
+            r = await s.recv()
+            if r is None or (kind(r) == "response_body" and streamed_body(r)[1]):
+                break
+        await s.close()
+        return early_quiet, routed_after, destination(reply)[0], len(rest)
+
+    async def go(ch):
+        await poll(ch, is_routed, what="first routed request")
+        await asyncio.sleep(1.0)
+        return [await one(ch, chunk) for chunk in (100_000, 97, 1000, 513, 4096, 256)]
+    results = run(lb_epp, go)
+    homes = set()
+    for early_quiet, routed_after, dest, unsent in results:
+        assert early_quiet, "routed on the model alone"
+        assert routed_after >= 4096, routed_after  # not before the first 4 KiB of prompt
+        homes.add(dest)
+    # Chunkings 97 … 4096 all left data unsent when routed (the body kept streaming afterwards).
+    assert all(unsent > 0 for _, _, _, unsent in results[1:]), results
+    assert len(homes) == 1, f"one conversation over {homes}"
