@@ -50,15 +50,7 @@ final class EPPApp: Sendable {
         extProc.maxRequestBodyBytes = options.maxRequestBodyBytes
         let scraper = try makeScraper(options, state: source.state, logger: logger)
         extProc.loadPolicy = LoadPolicy(enabled: scraper != nil, stalenessSeconds: options.metricsStalenessThreshold)
-        if scraper != nil && options.prefixCacheScoring {
-            guard options.prefixCacheBlockBytes >= 8, options.prefixCacheBlockBytes % 8 == 0,
-                  (1...4096).contains(options.prefixCacheMaxBlocks), options.prefixCacheCapacity > 0 else {
-                throw ValidationFailure("--prefix-cache-block-bytes must be a positive multiple of 8, --prefix-cache-max-blocks 1-4096, --prefix-cache-capacity positive")
-            }
-            extProc.prefixCache = PrefixCacheIndex(capacity: options.prefixCacheCapacity)
-            extProc.prefixBlockBytes = options.prefixCacheBlockBytes
-            extProc.prefixMaxBlocks = options.prefixCacheMaxBlocks
-        }
+        if scraper != nil { try configurePrefixCache(options, &extProc) }
         // No metrics listener → nothing recorded on the request path either.
         let metrics = options.metricsPort > 0
             ? InferenceMetrics(poolName: options.poolName, state: source.state, loadPolicy: extProc.loadPolicy) : nil
@@ -93,6 +85,21 @@ final class EPPApp: Sendable {
         scraper?.scraper.start()
         return EPPApp(servers: servers, metricsServer: metricsServer, health: health, logger: logger,
                       drainTimeout: options.drainTimeout, group: group, source: source, scraper: scraper)
+    }
+
+    /// Prefix-cache affinity (weighed with the load, so only when scraping is on).
+    private static func configurePrefixCache(_ options: EPPCommand, _ extProc: inout ExtProcConfiguration) throws {
+        guard options.prefixCacheScoring else { return }
+        guard options.prefixCacheBlockBytes >= 8, options.prefixCacheBlockBytes % 8 == 0 else {
+            throw ValidationFailure("--prefix-cache-block-bytes must be a positive multiple of 8")
+        }
+        guard (1...4096).contains(options.prefixCacheMaxBlocks) else {
+            throw ValidationFailure("--prefix-cache-max-blocks must be 1-4096")
+        }
+        guard options.prefixCacheCapacity > 0 else { throw ValidationFailure("--prefix-cache-capacity must be positive") }
+        extProc.prefixCache = PrefixCacheIndex(capacity: options.prefixCacheCapacity)
+        extProc.prefixBlockBytes = options.prefixCacheBlockBytes
+        extProc.prefixMaxBlocks = options.prefixCacheMaxBlocks
     }
 
     /// The model-server scraper on a thread of its own, so parsing expositions never delays a request.

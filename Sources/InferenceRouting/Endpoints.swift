@@ -153,7 +153,8 @@ public final class EndpointRecord: Sendable {
     }
 }
 
-/// An immutable snapshot of the pool's endpoints with least-in-flight picking.
+/// An immutable snapshot of the pool's endpoints, and picking among them (by load, else by
+/// fewest in flight).
 public final class EndpointSet: Sendable {
     public let records: [EndpointRecord]
     private let byAddress: [String: EndpointRecord]
@@ -192,8 +193,9 @@ public final class EndpointSet: Sendable {
     /// With load scoring on, candidates with a fresh load sample are scored as the reference EPP
     /// does (queue depth ×2: `(maxQ − q)/(maxQ − minQ)`, KV cache ×2: `1 − kv`, and with `prefix`
     /// prefix-cache affinity ×3: the share of the prompt's leading blocks the endpoint was sent
-    /// before) and the highest wins, ties to the fewest in flight, then at random. Without fresh samples (or with scoring
-    /// off) the candidate with the fewest requests in flight wins, ties at random.
+    /// before) and the highest wins, ties to the fewest in flight, then at random. Without fresh
+    /// samples (or with scoring off) the candidate with the fewest requests in flight wins, ties at
+    /// random.
     /// - Parameter subset: nil = all endpoints; otherwise only these addresses (unknown ones
     ///   are ignored; empty → nil).
     public func pick(subset: [String]?, policy: LoadPolicy, now: UInt64, prefix: PrefixMatch? = nil,

@@ -544,3 +544,21 @@ def test_prefix_blocks_are_awaited_then_the_body_streams(lb_epp, backends):
     # Chunkings 97 … 4096 all left data unsent when routed (the body kept streaming afterwards).
     assert all(unsent > 0 for _, _, _, unsent in results[1:]), results
     assert len(homes) == 1, f"one conversation over {homes}"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--refresh-metrics-interval", "0"], "--refresh-metrics-interval must be a positive number of seconds"),
+    (["--metrics-staleness-threshold=-1"], "--metrics-staleness-threshold must be a positive number of seconds"),
+    (["--model-server-metrics-port", "70000"], "--model-server-metrics-port must be 0"),
+    (["--model-server-metrics-path", "metrics"], "--model-server-metrics-path must start with '/'"),
+    (["--prefix-cache-block-bytes", "60"], "--prefix-cache-block-bytes must be a positive multiple of 8"),
+    (["--prefix-cache-max-blocks", "0"], "--prefix-cache-max-blocks must be 1-4096"),
+    (["--prefix-cache-capacity", "0"], "--prefix-cache-capacity must be positive"),
+])
+def test_bad_load_flags_stop_the_epp_with_a_clear_message(flags, message):
+    import subprocess
+    out = subprocess.run([stack.epp_bin(), "--secure-serving=false", "--endpoints", "127.0.0.1:1",
+                          "--grpc-port", str(stack.free_port()), "--grpc-health-port", str(stack.free_port()),
+                          "--metrics-port", "0"] + flags, capture_output=True, text=True, timeout=30)
+    assert out.returncode != 0
+    assert message in out.stderr + out.stdout, out.stderr[-500:]
