@@ -523,8 +523,10 @@ def test_load_aware_picking_and_shedding_through_envoy(gateway_factory, backends
         set_load(b, waiting=0, kv=0.1)
         settle(b.address)
         assert served_by(20) == {b.address: 20}
-        set_load(a, waiting=0, kv=0.1)
-        set_load(b, waiting=8, kv=0.9)
+        # Every mix of old and new samples favours A too (A 0/0.0 beats B's old 0/0.1, B 10 is worse than
+        # A's old 8), so a streak on A means the flip is done.
+        set_load(a, waiting=0, kv=0.0)
+        set_load(b, waiting=10, kv=0.95)
         settle(a.address)
         assert served_by(20) == {a.address: 20}
 

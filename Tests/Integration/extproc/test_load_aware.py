@@ -256,6 +256,13 @@ def wait_gauges(epp, queue, kv, timeout=SETTLE):
         time.sleep(0.05)
 
 
+async def settled(epp, queue, kv):
+    """Waits until the EPP's pool gauges show these means, i.e. it holds the samples just set. Polling for an
+    outcome alone is not enough: between two endpoints' scrapes the EPP sees one new and one old sample, a mix
+    that can give the awaited outcome once and then flip (found in CI)."""
+    await asyncio.to_thread(wait_gauges, epp, queue, kv)
+
+
 # -- tests ------------------------------------------------------------------------------------------------------
 
 def test_traffic_follows_load(lb_epp, backends):
@@ -265,10 +272,14 @@ def test_traffic_follows_load(lb_epp, backends):
     scrapes = [backend_stats(x)["metrics_scrapes"] for x in backends]
 
     async def go(ch):
+        await settled(lb_epp, 4.0, 0.5)
         await poll(ch, to(a.address), streak=3, what=f"routing to A ({a.address})")
         first = await paced(ch, 40)
-        set_load(a, waiting=8, kv=0.9)
-        set_load(b, waiting=0, kv=0.1)
+        # Every mix of old and new samples favours B too (A 10 is worse than B's old 8, B 0/0.0 beats A's
+        # old 0/0.1), so no state on the way sends traffic back to A.
+        set_load(a, waiting=10, kv=0.95)
+        set_load(b, waiting=0, kv=0.0)
+        await settled(lb_epp, 5.0, 0.475)
         await poll(ch, to(b.address), streak=3, what=f"routing to B ({b.address}) after the flip")
         second = await paced(ch, 40)
         return first, second
@@ -287,6 +298,7 @@ def test_sheddable_requests_refused_when_saturated(lb_epp, backends):
         set_load(x, waiting=10)
 
     async def go(ch):
+        await settled(lb_epp, 10.0, 0.0)
         shed = await poll(ch, is_shed, what="a 429 for objective batch", objective_name="batch")
         others = {"critical": await exchange(ch, objective_name="critical"),
                   "none": await exchange(ch),
@@ -321,30 +333,38 @@ def test_saturation_threshold(lb_epp, backends):
     async def go(ch):
         out = {}
         # 0.8 + 0.8 → 0.8: not saturated (first make sure the EPP sheds at all, so "routed" means it saw the load).
+        # Each step waits for the EPP to hold both new samples (its gauges) before judging: one new sample
+        # beside an old one can be saturated when neither state is (kv 0.8 + waiting 0 → 0.5).
         for x in backends:
             set_load(x, waiting=10)
+        await settled(lb_epp, 10.0, 0.0)
         await poll(ch, is_shed, what="a 429 at waiting 10", objective_name="batch")
         for x in backends:
             set_load(x, waiting=4)
+        await settled(lb_epp, 4.0, 0.0)
         await poll(ch, is_routed, streak=3, what="batch routed at waiting 4", objective_name="batch")
         out["waiting 4"] = await paced(ch, 10, objective_name="batch")
         # kv 0.8 on both → exactly 1.0: saturated.
         for x in backends:
             set_load(x, waiting=0, kv=0.8)
+        await settled(lb_epp, 0.0, 0.8)
         await poll(ch, is_shed, what="a 429 at kv 0.8", objective_name="batch")
         out["kv 0.8"] = await paced(ch, 5, objective_name="batch")
         # One endpoint hot (10 → 2.0), one idle (0): mean exactly 1.0, saturated.
-        set_load(a, waiting=10)
+        set_load(a, waiting=10, kv=0.0)
         set_load(b, waiting=0, kv=0.0)
+        await settled(lb_epp, 5.0, 0.0)
         await poll(ch, is_shed, what="a 429 with A at waiting 10, B idle", objective_name="batch")
         out["A 10, B 0"] = await paced(ch, 5, objective_name="batch")
         # A's metrics gone (404: stale after 2 s → 1.0), B at 1.2: mean 1.1, saturated; counting A as
         # empty would give 0.6.
         for x in backends:
             set_load(x)
+        await settled(lb_epp, 0.0, 0.0)
         await poll(ch, is_routed, streak=3, what="batch routed at idle", objective_name="batch")
         set_load(a, metrics="404")
         set_load(b, waiting=6)
+        await settled(lb_epp, 6.0, 0.0)  # B's sample alone: A's is stale
         await poll(ch, is_shed, what="a 429 with A's metrics missing and B at waiting 6", objective_name="batch")
         out["A missing, B 6"] = await paced(ch, 5, objective_name="batch")
         return out
