@@ -466,10 +466,11 @@ final class ProcessStream: GRPCStreamHandler {
     private func flushHeld(endOfStream: Bool, _ stream: GRPCServerStream) {
         let (length, splice) = heldPlan()
         if length <= WireNames.maxBodyChunk && (splice != nil || held.count > 1) {
-            // One reply: the pieces go straight into its frame, with no joined copy in between.
-            stream.sendFramed(ReplyEncoding.streamedBody(count: length, endOfStream: endOfStream, request: true) { out in
+            // One reply: the pieces go out as parts of it, with no joined copy in between.
+            ReplyEncoding.streamedBody(count: length, endOfStream: endOfStream, request: true,
+                                       emit: { stream.sendFramed($0) }) { out in
                 writeHeld(splice, into: &out)
-            })
+            }
             dropHeld()
             return
         }
@@ -503,9 +504,9 @@ final class ProcessStream: GRPCStreamHandler {
     }
 
     /// Appends the held chunks to `out`: bytes before the model value, the replacement once, bytes after it.
-    private func writeHeld(_ splice: (range: Range<Int>, bytes: [UInt8])?, into out: inout ByteBuffer) {
+    private func writeHeld(_ splice: (range: Range<Int>, bytes: [UInt8])?, into out: inout some BodySink) {
         guard let (range, replacement) = splice else {
-            for var c in held { out.writeBuffer(&c) }
+            for c in held { out.write(c) }
             return
         }
         var offset = heldOffset
@@ -515,16 +516,16 @@ final class ProcessStream: GRPCStreamHandler {
             offset = end
             // Bytes before the model value, the replacement once, bytes after it.
             let beforeEnd = min(end, range.lowerBound)
-            if beforeEnd > start, var piece = chunk.getSlice(at: chunk.readerIndex, length: beforeEnd - start) {
-                out.writeBuffer(&piece)
+            if beforeEnd > start, let piece = chunk.getSlice(at: chunk.readerIndex, length: beforeEnd - start) {
+                out.write(piece)
             }
             if !inserted && end >= range.lowerBound {
-                out.writeBytes(replacement)
+                out.write(bytes: replacement)
                 inserted = true
             }
             let afterStart = max(start, range.upperBound)
-            if end > afterStart, var piece = chunk.getSlice(at: chunk.readerIndex + (afterStart - start), length: end - afterStart) {
-                out.writeBuffer(&piece)
+            if end > afterStart, let piece = chunk.getSlice(at: chunk.readerIndex + (afterStart - start), length: end - afterStart) {
+                out.write(piece)
             }
         }
     }
@@ -538,7 +539,8 @@ final class ProcessStream: GRPCStreamHandler {
         var body = body
         repeat {
             let piece = body.readSlice(length: min(body.readableBytes, WireNames.maxBodyChunk))!
-            stream.sendFramed(ReplyEncoding.streamedBody(piece, endOfStream: endOfStream && body.readableBytes == 0, request: request))
+            ReplyEncoding.streamedBody(count: piece.readableBytes, endOfStream: endOfStream && body.readableBytes == 0,
+                                       request: request, emit: { stream.sendFramed($0) }) { $0.write(piece) }
         } while body.readableBytes > 0
     }
 
@@ -584,10 +586,11 @@ final class ProcessStream: GRPCStreamHandler {
             let length = assembledLength(chunk)
             if length == 0 && !body.endOfStream { break }
             if length <= WireNames.maxBodyChunk && !isChunkItself(chunk) {
-                // One reply: the rewritten pieces go straight into its frame.
-                stream.sendFramed(ReplyEncoding.streamedBody(count: length, endOfStream: body.endOfStream, request: false) { out in
+                // One reply: the rewritten pieces go out as parts of it.
+                ReplyEncoding.streamedBody(count: length, endOfStream: body.endOfStream, request: false,
+                                           emit: { stream.sendFramed($0) }) { out in
                     writeSegments(of: chunk, into: &out)
-                })
+                }
             } else {
                 sendStreamed(assemble(chunk), endOfStream: body.endOfStream, request: false, stream)
             }
@@ -631,13 +634,13 @@ final class ProcessStream: GRPCStreamHandler {
         return out
     }
 
-    private func writeSegments(of chunk: ByteBuffer, into out: inout ByteBuffer) {
+    private func writeSegments(of chunk: ByteBuffer, into out: inout some BodySink) {
         for s in segments {
             switch s {
             case .input(let r):
-                if var piece = chunk.getSlice(at: chunk.readerIndex + r.lowerBound, length: r.count) { out.writeBuffer(&piece) }
+                if let piece = chunk.getSlice(at: chunk.readerIndex + r.lowerBound, length: r.count) { out.write(piece) }
             case .bytes(let b):
-                out.writeBytes(b)
+                out.write(bytes: b)
             }
         }
     }

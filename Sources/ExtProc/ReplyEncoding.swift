@@ -81,42 +81,109 @@ enum ReplyEncoding {
     }
 
     /// A FULL_DUPLEX_STREAMED body piece: ProcessingResponse{request_body|response_body{response{
-    /// body_mutation{streamed_response{body, end_of_stream}}}}}. The body is copied once, into the frame.
+    /// body_mutation{streamed_response{body, end_of_stream}}}}}, as one buffer (tests, small bodies).
     static func streamedBody(_ body: ByteBuffer, endOfStream: Bool, request: Bool) -> ByteBuffer {
-        streamedBody(count: body.readableBytes, endOfStream: endOfStream, request: request) { out in
-            var body = body
-            out.writeBuffer(&body)
-        }
+        var joined = ProtobufAllocator.allocator.buffer(capacity: 5 + body.readableBytes + 32)
+        streamedBody(count: body.readableBytes, endOfStream: endOfStream, request: request,
+                     emit: { part in var part = part; joined.writeBuffer(&part) },
+                     writeBody: { $0.write(body) })
+        return joined
     }
 
-    /// The same with the body written by `writeBody`, which must append exactly `count` bytes (so
-    /// pieces of several buffers go into the frame without being joined first).
-    static func streamedBody(count: Int, endOfStream: Bool, request: Bool,
-                             writeBody: (inout ByteBuffer) -> Void) -> ByteBuffer {
+    /// The same reply handed to `emit` as consecutive parts of one gRPC message: the prefix and
+    /// protobuf fields, then the body that `writeBody` writes (exactly `count` bytes), then
+    /// `end_of_stream`. A body under `BodyParts.partsFrom` bytes is copied into the one buffer of
+    /// the reply. A larger one goes out as the slices it is made of (short pieces, such as a
+    /// replaced model name, are copied after the fields): the HTTP/2 layer sends slices of 8 KiB and
+    /// more without copying them, so a 62,000-byte chunk is not copied into a reply buffer first.
+    /// (Parts for small bodies too were tried: the extra queue entries cost more than the copy.)
+    static func streamedBody(count: Int, endOfStream: Bool, request: Bool, emit: (ByteBuffer) -> Void,
+                             writeBody: (inout BodyParts) -> Void) {
         let bodyField = count == 0 ? 0 : 1 + varintSize(count) + count
         let streamed = bodyField + (endOfStream ? 2 : 0)
         let mutation = 1 + varintSize(streamed) + streamed
         let common = 1 + varintSize(mutation) + mutation
         let bodyResponse = 1 + varintSize(common) + common
         let total = 1 + varintSize(bodyResponse) + bodyResponse
-        var b = ProtobufAllocator.allocator.buffer(capacity: 5 + total)
         let head = total - count - (endOfStream ? 2 : 0)  // everything before the body bytes
-        b.writeProto(messageLength: total, partLength: head) { w in
+        let inParts = count >= BodyParts.partsFrom
+        var first = ProtobufAllocator.allocator.buffer(capacity: 5 + head + (inParts ? BodyParts.copyLimit : count) + 2)
+        first.writeProto(messageLength: total, partLength: head) { w in
             w.open(request ? 3 : 4, bodyResponse)  // ProcessingResponse.request_body / response_body
             w.open(1, common)                      // BodyResponse.response
             w.open(3, mutation)                    // CommonResponse.body_mutation
             w.open(3, streamed)                    // BodyMutation.streamed_response
             if count > 0 { w.open(1, count) }      // StreamedBodyResponse.body
         }
-        if count > 0 {
-            let before = b.writerIndex
-            writeBody(&b)
-            precondition(b.writerIndex - before == count, "body of \(b.writerIndex - before) bytes, \(count) announced")
+        withoutActuallyEscaping(emit) { emit in
+            var parts = BodyParts(current: first, copyLimit: inParts ? BodyParts.copyLimit : .max, emit: emit)
+            if count > 0 { writeBody(&parts) }
+            precondition(parts.written == count, "body of \(parts.written) bytes, \(count) announced")
+            if endOfStream {
+                if parts.current.writableBytes >= 2 {
+                    parts.current.writeInteger(UInt16(0x1001))  // StreamedBodyResponse.end_of_stream = true
+                } else {
+                    parts.flush()
+                    parts.current = endOfStreamField
+                }
+            }
+            parts.flush()
         }
-        if endOfStream {
-            b.writeInteger(UInt16(0x1001))     // StreamedBodyResponse.end_of_stream = true
-        }
+    }
+
+    /// StreamedBodyResponse.end_of_stream = true, shared by every reply whose last part it is.
+    private static let endOfStreamField: ByteBuffer = {
+        var b = ProtobufAllocator.allocator.buffer(capacity: 2)
+        b.writeInteger(UInt16(0x1001))
         return b
+    }()
+
+    /// Where a streamed reply's body is written: see `streamedBody(count:endOfStream:request:emit:writeBody:)`.
+    struct BodyParts: BodySink {
+        /// Bodies from this size are sent in parts (the HTTP/2 layer's zero-copy threshold).
+        static let partsFrom = 8192
+        /// In parts, pieces up to this size are copied (when they fit); longer ones are passed on.
+        static let copyLimit = 256
+        fileprivate var current: ByteBuffer
+        private let copyLimit: Int
+        fileprivate let emit: (ByteBuffer) -> Void
+        fileprivate(set) var written = 0
+
+        fileprivate init(current: ByteBuffer, copyLimit: Int, emit: @escaping (ByteBuffer) -> Void) {
+            self.current = current
+            self.copyLimit = copyLimit
+            self.emit = emit
+        }
+
+        /// Appends a piece of a received buffer (a slice keeps it alive until it is sent).
+        mutating func write(_ piece: ByteBuffer) {
+            let n = piece.readableBytes
+            guard n > 0 else { return }
+            written += n
+            if n <= copyLimit && n <= current.writableBytes {
+                var piece = piece
+                current.writeBuffer(&piece)
+            } else {
+                flush()
+                emit(piece)
+            }
+        }
+
+        /// Appends bytes of our own (a replacement model name): copied.
+        mutating func write(bytes: [UInt8]) {
+            guard !bytes.isEmpty else { return }
+            written += bytes.count
+            if bytes.count > current.writableBytes {
+                flush()
+                current = ProtobufAllocator.allocator.buffer(capacity: bytes.count)
+            }
+            current.writeBytes(bytes)
+        }
+
+        fileprivate mutating func flush() {
+            if current.readableBytes > 0 { emit(current) }
+            current = ByteBuffer()
+        }
     }
 
     static func varintSize(_ v: Int) -> Int {
@@ -179,6 +246,23 @@ extension ByteBuffer {
             precondition(w.count == partLength, "reply size \(w.count) differs from the computed \(partLength)")
             return partLength
         }
+    }
+}
+
+/// Something a body is written into piece by piece: a reply's parts, or one joined buffer.
+protocol BodySink {
+    mutating func write(_ piece: ByteBuffer)
+    mutating func write(bytes: [UInt8])
+}
+
+extension ByteBuffer: BodySink {
+    mutating func write(_ piece: ByteBuffer) {
+        var piece = piece
+        writeBuffer(&piece)
+    }
+
+    mutating func write(bytes: [UInt8]) {
+        writeBytes(bytes)
     }
 }
 

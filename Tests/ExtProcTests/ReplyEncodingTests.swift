@@ -52,6 +52,37 @@ final class ReplyEncodingTests: XCTestCase {
         }
     }
 
+    /// From 8 KiB a body goes out as parts: short pieces are copied after the fields, long ones are
+    /// passed on as they are (no copy here; the HTTP/2 layer sends them as slices), and the parts
+    /// joined are exactly the one-buffer message.
+    func testLargeStreamedBodyGoesOutInParts() throws {
+        let received = ByteBuffer(bytes: (0..<30_000).map { UInt8(truncatingIfNeeded: $0 &* 7) })
+        let before = received.getSlice(at: 0, length: 10)!, after = received.getSlice(at: 16, length: 20_000)!
+        let replacement = Array("\"facebook/opt-125m\"".utf8)
+        let count = 10 + replacement.count + 20_000
+        for eos in [false, true] {
+            var parts: [ByteBuffer] = []
+            ReplyEncoding.streamedBody(count: count, endOfStream: eos, request: true, emit: { parts.append($0) }) { out in
+                out.write(before)
+                out.write(bytes: replacement)
+                out.write(after)
+            }
+            XCTAssertEqual(parts.count, eos ? 3 : 2, "fields with the short pieces, the long piece, end_of_stream")
+            XCTAssertEqual(parts[1], after, "the long piece is passed on as it is")
+            var joined = ByteBuffer()
+            for var p in parts { joined.writeBuffer(&p) }
+            let expected = Data(before.readableBytesView) + Data(replacement) + Data(after.readableBytesView)
+            XCTAssertEqual(try decode(joined), Replies.streamedBody(expected, endOfStream: eos, request: true))
+        }
+        // Under 8 KiB: one part.
+        var parts: [ByteBuffer] = []
+        ReplyEncoding.streamedBody(count: 8191, endOfStream: true, request: false, emit: { parts.append($0) }) {
+            $0.write(received.getSlice(at: 0, length: 8191)!)
+        }
+        XCTAssertEqual(parts.count, 1)
+        XCTAssertEqual(try decode(parts[0]).responseBody.response.bodyMutation.streamedResponse.body.count, 8191)
+    }
+
     func testStreamedBodyOfASlice() throws {
         let data = ByteBuffer(string: "0123456789")
         let fast = try decode(ReplyEncoding.streamedBody(data.getSlice(at: 3, length: 4)!, endOfStream: true, request: true))
