@@ -20,7 +20,12 @@ Endpoints
                         metrics  "ok" (default) | "garbage" (200 with bytes that are not Prometheus text)
                                  | "hang" (the request is read but never answered; the connection stays
                                  open until the client closes it) | "404"
-                      Every GET /metrics counts in /fake/stats `metrics_scrapes`, whatever the mode.
+                        lora_running  list of adapter names, default []   vllm:lora_requests_info labels
+                        lora_waiting  list of adapter names, default []   (running_lora_adapters,
+                        max_lora      int >= 0, default 4                  waiting_lora_adapters, max_lora)
+                      Every GET /metrics counts in /fake/stats `metrics_scrapes`, whatever the mode. Like vLLM,
+                      /metrics keeps one vllm:lora_requests_info series per adapter state seen, valued with the
+                      time it began (the newest is the current one).
 
 Every inference response echoes what the backend received, both in the JSON (`"echo": {...}`) and in
 response headers: x-fake-backend, x-fake-model, x-fake-body-len, x-fake-body-sha256,
@@ -80,8 +85,10 @@ class Stats:
 
 STATS = Stats()
 RUNNING = [0]
-LOAD_DEFAULTS = {"waiting": 0, "running": None, "kv": None, "metrics": "ok"}
+LOAD_DEFAULTS = {"waiting": 0, "running": None, "kv": None, "metrics": "ok", "lora_running": [], "lora_waiting": [],
+                 "max_lora": 4}
 LOAD = dict(LOAD_DEFAULTS)   # set by POST /fake/load; read by GET /metrics
+LORA_SERIES = {("4", "", ""): time.time()}  # (max_lora, running, waiting) label values -> when that state began
 METRICS_MODES = ("ok", "garbage", "hang", "404")
 HANG = object()              # dispatch result: leave the request unanswered
 GARBAGE_METRICS = (
@@ -114,8 +121,16 @@ def set_load(obj):
         new["kv"] = float(new["kv"])
     if new["metrics"] not in METRICS_MODES:
         return f"metrics must be one of {list(METRICS_MODES)}"
+    for key in ("lora_running", "lora_waiting"):
+        if not isinstance(new[key], list) or not all(isinstance(a, str) and a and "," not in a for a in new[key]):
+            return f"{key} must be a list of adapter names"
+    if not is_int(new["max_lora"]) or new["max_lora"] < 0:
+        return "max_lora must be an integer >= 0"
     LOAD.clear()
     LOAD.update(new)
+    state = (str(new["max_lora"]), ",".join(new["lora_running"]), ",".join(new["lora_waiting"]))
+    LORA_SERIES.pop(state, None)
+    LORA_SERIES[state] = max([time.time()] + [t + 0.001 for t in LORA_SERIES.values()])
     return None
 
 
@@ -410,7 +425,8 @@ class Server:
             f"vllm:gpu_cache_usage_perc {kv}\n"
             "# HELP vllm:lora_requests_info Running stats on lora requests.\n"
             "# TYPE vllm:lora_requests_info gauge\n"
-            f'vllm:lora_requests_info{{max_lora="4",running_lora_adapters="",waiting_lora_adapters=""}} {time.time():.3f}\n'
+            + "".join(f'vllm:lora_requests_info{{max_lora="{m}",running_lora_adapters="{r}",waiting_lora_adapters="{w}"}} '
+                      f"{t:.3f}\n" for (m, r, w), t in LORA_SERIES.items()) +
             "# HELP vllm:cache_config_info Information of the LLMEngine CacheConfig\n"
             "# TYPE vllm:cache_config_info gauge\n"
             'vllm:cache_config_info{block_size="16",num_gpu_blocks="8192"} 1.0\n'

@@ -50,6 +50,7 @@ final class EPPApp: Sendable {
         extProc.maxRequestBodyBytes = options.maxRequestBodyBytes
         let scraper = try makeScraper(options, state: source.state, logger: logger)
         extProc.loadPolicy = LoadPolicy(enabled: scraper != nil, stalenessSeconds: options.metricsStalenessThreshold)
+        if !options.loraAffinityScoring { extProc.loadPolicy.loraWeight = 0 }
         if scraper != nil { try configurePrefixCache(options, &extProc) }
         // No metrics listener → nothing recorded on the request path either.
         let metrics = options.metricsPort > 0

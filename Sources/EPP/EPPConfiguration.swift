@@ -37,6 +37,7 @@ public struct EPPCommand: AsyncParsableCommand {
     @Option(help: "Prompt bytes per prefix block (~16 tokens).") var prefixCacheBlockBytes = 64
     @Option(help: "Leading prompt blocks hashed per request.") var prefixCacheMaxBlocks = 64
     @Option(help: "Prefix blocks remembered (per generation; the oldest generation is forgotten when one fills).") var prefixCacheCapacity = 131_072
+    @Option(help: "LoRA affinity: prefer endpoints running the requested adapter, then ones with a free adapter slot (vllm:lora_requests_info).") var loraAffinityScoring = true
 
     public init() {}
 
@@ -54,7 +55,7 @@ public struct EPPCommand: AsyncParsableCommand {
     /// boolean `--flag` meaning true.
     public static func normalize(_ arguments: [String]) -> [String] {
         let booleans: Set<String> = ["--secure-serving", "--restore-model-alias", "--enable-test-echo-service",
-                                     "--scrape-model-server-metrics", "--prefix-cache-scoring"]
+                                     "--scrape-model-server-metrics", "--prefix-cache-scoring", "--lora-affinity-scoring"]
         var out: [String] = []
         var i = 0
         while i < arguments.count {

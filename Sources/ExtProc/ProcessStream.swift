@@ -391,9 +391,10 @@ final class ProcessStream: GRPCStreamHandler {
                let hashes = prefixHashes() {
                 prefix = hashes
                 picked = snapshot.endpoints.pick(subset: info.subset, policy: policy, now: now,
-                                                 prefix: PrefixMatch(hashes, index: index), using: &rng)
+                                                 prefix: PrefixMatch(hashes, index: index), model: targetModel, using: &rng)
             } else {
-                picked = snapshot.endpoints.pick(subset: info.subset, policy: policy, now: now, using: &rng)
+                picked = snapshot.endpoints.pick(subset: info.subset, policy: policy, now: now, model: targetModel,
+                                                 using: &rng)
             }
         } else {
             picked = snapshot.endpoints.pick(subset: info.subset, using: &rng)

@@ -23,13 +23,48 @@ public final class EndpointLoad: AtomicReference, Sendable {
     public let inFlightAtSample: Int
     /// `MonotonicClock.nanoseconds` when the sample arrived.
     public let sampledAt: UInt64
+    /// The server's LoRA adapters; nil when it reports none (LoRA off).
+    public let lora: LoRAAdapters?
+    /// Base models the server serves (`model_name` of its queue gauges): a request for one of
+    /// these is not a LoRA request, whatever the adapters.
+    public let servedModels: [String]
 
-    public init(waiting: Int, running: Int, kvCacheUsage: Double, inFlightAtSample: Int, sampledAt: UInt64) {
+    public init(waiting: Int, running: Int, kvCacheUsage: Double, inFlightAtSample: Int, sampledAt: UInt64,
+                lora: LoRAAdapters? = nil, servedModels: [String] = []) {
         self.waiting = max(0, waiting)
         self.running = max(0, running)
         self.kvCacheUsage = kvCacheUsage.isFinite ? min(1, max(0, kvCacheUsage)) : 0
         self.inFlightAtSample = inFlightAtSample
         self.sampledAt = sampledAt
+        self.lora = lora
+        self.servedModels = servedModels
+    }
+}
+
+/// What a vLLM server reports about its LoRA adapters (`vllm:lora_requests_info`).
+public struct LoRAAdapters: Sendable, Equatable {
+    /// Adapters with requests running.
+    public var running: [String]
+    /// Adapters with requests waiting.
+    public var waiting: [String]
+    /// How many adapters the server serves at once (`max_lora`).
+    public var maxAdapters: Int
+
+    public init(running: [String], waiting: [String], maxAdapters: Int) {
+        self.running = running
+        self.waiting = waiting
+        self.maxAdapters = max(0, maxAdapters)
+    }
+
+    /// The reference's LoRA affinity for a request to `adapter`: 1 when it runs here (no load,
+    /// no swap), 0.8 when there is a free slot to load it, 0.6 when requests for it already wait
+    /// here, else 0 (loading it would evict another adapter).
+    public func affinity(for adapter: String) -> Double {
+        if running.contains(adapter) { return 1 }
+        var inUse = running.count
+        for w in waiting where !running.contains(w) { inUse += 1 }
+        if inUse < maxAdapters { return 0.8 }
+        return waiting.contains(adapter) ? 0.6 : 0
     }
 }
 
@@ -54,6 +89,9 @@ public struct LoadPolicy: Sendable, Equatable {
     public var kvCacheWeight: Double = 2
     /// Weight of prefix-cache affinity (used when the request carries prefix hashes).
     public var prefixWeight: Double = 3
+    /// Weight of LoRA affinity (used for a model no candidate serves as its base model, when
+    /// some candidate reports adapters); 0 turns it off.
+    public var loraWeight: Double = 1
     /// Saturation: an endpoint is full at this many waiting requests…
     public var queueDepthThreshold: Double = 5
     /// …or at this KV-cache utilization.

@@ -133,9 +133,11 @@ public final class EndpointRecord: Sendable {
     public var load: EndpointLoad? { loadSample.load(ordering: .acquiring) }
 
     /// Publishes a scrape; stamps it with the in-flight count and the time now.
-    public func record(waiting: Int, running: Int, kvCacheUsage: Double, at time: UInt64 = MonotonicClock.nanoseconds) {
+    public func record(waiting: Int, running: Int, kvCacheUsage: Double, lora: LoRAAdapters? = nil,
+                       servedModels: [String] = [], at time: UInt64 = MonotonicClock.nanoseconds) {
         loadSample.store(EndpointLoad(waiting: waiting, running: running, kvCacheUsage: kvCacheUsage,
-                                      inFlightAtSample: inFlightCount, sampledAt: time), ordering: .releasing)
+                                      inFlightAtSample: inFlightCount, sampledAt: time, lora: lora,
+                                      servedModels: servedModels), ordering: .releasing)
     }
 
     /// The last sample if it is no older than the policy allows.
@@ -193,22 +195,31 @@ public final class EndpointSet: Sendable {
     /// With load scoring on, candidates with a fresh load sample are scored as the reference EPP
     /// does (queue depth ×2: `(maxQ − q)/(maxQ − minQ)`, KV cache ×2: `1 − kv`, and with `prefix`
     /// prefix-cache affinity ×3: the share of the prompt's leading blocks the endpoint was sent
-    /// before) and the highest wins, ties to the fewest in flight, then at random. Without fresh
+    /// before; LoRA affinity ×1 for a `model` that is an adapter, see `LoRAAdapters.affinity`)
+    /// and the highest wins, ties to the fewest in flight, then at random. Without fresh
     /// samples (or with scoring off) the candidate with the fewest requests in flight wins, ties at
     /// random.
     /// - Parameter subset: nil = all endpoints; otherwise only these addresses (unknown ones
     ///   are ignored; empty → nil).
     public func pick(subset: [String]?, policy: LoadPolicy, now: UInt64, prefix: PrefixMatch? = nil,
-                     using rng: inout some RandomNumberGenerator) -> EndpointRecord? {
+                     model: String? = nil, using rng: inout some RandomNumberGenerator) -> EndpointRecord? {
         guard policy.enabled else { return pick(subset: subset, using: &rng) }
-        // Pass 1: the queue range among fresh candidates.
+        // Pass 1: the queue range among fresh candidates, and whether `model` is a LoRA adapter
+        // here (some candidate reports adapters, none serves it as its base model).
         var minQ = Int.max, maxQ = Int.min, fresh = 0
+        var adapters = false, baseModel = false
+        let scoreLoRA = policy.loraWeight > 0 && model != nil
         forEachCandidate(subset) { r in
             guard let l = r.freshLoad(now: now, policy) else { return }
             let q = r.queueEstimate(l)
             minQ = min(minQ, q); maxQ = max(maxQ, q); fresh += 1
+            if scoreLoRA {
+                if l.lora != nil { adapters = true }
+                if !baseModel, let model, l.servedModels.contains(model) { baseModel = true }
+            }
         }
         if fresh == 0 { return pick(subset: subset, using: &rng) }
+        let adapter = adapters && !baseModel ? model : nil
         // Pass 2: score; ties by in-flight count, then reservoir-sampled.
         var best: EndpointRecord?
         var bestScore = -Double.infinity, bestInFlight = Int.max
@@ -220,6 +231,7 @@ public final class EndpointSet: Sendable {
             let queueScore = span > 0 ? Double(maxQ - q) / span : 1
             var score = policy.queueWeight * queueScore + policy.kvCacheWeight * (1 - l.kvCacheUsage)
             if let prefix { score += policy.prefixWeight * prefix.score(of: r) }
+            if let adapter { score += policy.loraWeight * (l.lora?.affinity(for: adapter) ?? 0) }
             let f = r.inFlightCount
             if score > bestScore + 1e-9 || (score >= bestScore - 1e-9 && f < bestInFlight) {
                 best = r; bestScore = max(score, bestScore); bestInFlight = f; ties = 1

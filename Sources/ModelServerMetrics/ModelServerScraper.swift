@@ -227,7 +227,8 @@ private final class ScrapeTarget {
             if !keepAlive { dropChannel() }
             guard status == 200 else { return failed("HTTP \(status)") }
             guard let m = VLLMMetrics.parse(body.readableBytesView) else { return failed("no vLLM metrics in the response") }
-            record.record(waiting: m.waiting, running: m.running, kvCacheUsage: m.kvCacheUsage)
+            record.record(waiting: m.waiting, running: m.running, kvCacheUsage: m.kvCacheUsage, lora: m.lora,
+                          servedModels: m.servedModels)
             consecutiveFailures = 0
             retryAt = nil
             if failing != false {

@@ -1,3 +1,5 @@
+import InferenceRouting
+
 /// The load figures the picker reads from a vLLM server's Prometheus text exposition.
 public struct VLLMMetrics: Sendable, Equatable {
     /// `vllm:num_requests_waiting`, summed over its series (one per model / engine).
@@ -6,11 +8,18 @@ public struct VLLMMetrics: Sendable, Equatable {
     public var running: Int
     /// `vllm:kv_cache_usage_perc` (vLLM ≥ 0.10), else `vllm:gpu_cache_usage_perc`; the highest series.
     public var kvCacheUsage: Double
+    /// `vllm:lora_requests_info`: the series with the highest value (vLLM sets it to the time of
+    /// the change, and may keep older series); nil when the server reports none.
+    public var lora: LoRAAdapters?
+    /// The `model_name` labels of the queue gauges (the base models served), in order, once each.
+    public var servedModels: [String]
 
-    public init(waiting: Int, running: Int, kvCacheUsage: Double) {
+    public init(waiting: Int, running: Int, kvCacheUsage: Double, lora: LoRAAdapters? = nil, servedModels: [String] = []) {
         self.waiting = waiting
         self.running = running
         self.kvCacheUsage = kvCacheUsage
+        self.lora = lora
+        self.servedModels = servedModels
     }
 
     /// Parses the text format (version 0.0.4, also what OpenMetrics servers send for these
@@ -20,6 +29,8 @@ public struct VLLMMetrics: Sendable, Equatable {
         var waiting = 0.0, running = 0.0
         var kv: Double?, gpuCache: Double?
         var found = false
+        var lora: (info: LoRAAdapters, at: Double)?
+        var served: [String] = []
         var i = text.startIndex
         let end = text.endIndex
         while i < end {
@@ -28,37 +39,94 @@ public struct VLLMMetrics: Sendable, Equatable {
             defer { i = lineEnd + 1 }
             guard let sample = parseLine(text, i, lineEnd) else { continue }
             switch sample.name {
-            case .waiting: waiting += sample.value; found = true
-            case .running: running += sample.value
+            case .waiting, .running:
+                if sample.name == .waiting { waiting += sample.value; found = true } else { running += sample.value }
+                if let labels = sample.labels,
+                   let model = labelValue(text, labels, "model_name"), !model.isEmpty, !served.contains(model) {
+                    served.append(model)
+                }
             case .kvCache: kv = max(kv ?? 0, sample.value); found = true
             case .gpuCache: gpuCache = max(gpuCache ?? 0, sample.value); found = true
+            case .loraInfo:
+                guard lora == nil || sample.value >= lora!.at, let labels = sample.labels,
+                      let info = loraAdapters(text, labels) else { continue }
+                lora = (info, sample.value)
             }
         }
         guard found else { return nil }
-        return VLLMMetrics(waiting: clampedInt(waiting), running: clampedInt(running), kvCacheUsage: kv ?? gpuCache ?? 0)
+        return VLLMMetrics(waiting: clampedInt(waiting), running: clampedInt(running), kvCacheUsage: kv ?? gpuCache ?? 0,
+                           lora: lora?.info, servedModels: served)
     }
 
-    private enum Name { case waiting, running, kvCache, gpuCache }
+    /// The adapters of a `vllm:lora_requests_info` series; nil without a valid `max_lora`.
+    private static func loraAdapters<Bytes: Collection<UInt8>>(_ t: Bytes, _ labels: Range<Int>) -> LoRAAdapters?
+    where Bytes.Index == Int {
+        guard let maxText = labelValue(t, labels, "max_lora"), let maxLoRA = Int(maxText), maxLoRA >= 0 else { return nil }
+        func list(_ name: String) -> [String] {
+            (labelValue(t, labels, name) ?? "").split(separator: ",").map { $0.trimmingSpaces() }.filter { !$0.isEmpty }
+        }
+        return LoRAAdapters(running: list("running_lora_adapters"), waiting: list("waiting_lora_adapters"),
+                            maxAdapters: maxLoRA)
+    }
+
+    /// The unescaped value of label `name` within a label set (the bytes between the braces).
+    static func labelValue<Bytes: Collection<UInt8>>(_ t: Bytes, _ labels: Range<Int>, _ name: String) -> String?
+    where Bytes.Index == Int {
+        let want = Array(name.utf8)
+        var i = labels.lowerBound
+        let end = labels.upperBound
+        while i < end {
+            while i < end && (isSpace(t[i]) || t[i] == UInt8(ascii: ",")) { i += 1 }
+            let nameStart = i
+            while i < end && t[i] != UInt8(ascii: "=") && !isSpace(t[i]) { i += 1 }
+            let nameEnd = i
+            while i < end && isSpace(t[i]) { i += 1 }
+            guard i < end, t[i] == UInt8(ascii: "=") else { return nil }
+            i += 1
+            while i < end && isSpace(t[i]) { i += 1 }
+            guard i < end, t[i] == UInt8(ascii: "\"") else { return nil }
+            i += 1
+            var value: [UInt8] = []
+            while i < end && t[i] != UInt8(ascii: "\"") {
+                if t[i] == UInt8(ascii: "\\") && i + 1 < end {
+                    i += 1
+                    value.append(t[i] == UInt8(ascii: "n") ? UInt8(ascii: "\n") : t[i])
+                } else {
+                    value.append(t[i])
+                }
+                i += 1
+            }
+            guard i < end else { return nil }  // unterminated value
+            i += 1
+            if equal(t, nameStart, nameEnd, want) { return String(decoding: value, as: UTF8.self) }
+        }
+        return nil
+    }
+
+    private enum Name { case waiting, running, kvCache, gpuCache, loraInfo }
 
     private static let names: [([UInt8], Name)] = [
         (Array("vllm:num_requests_waiting".utf8), .waiting),
         (Array("vllm:num_requests_running".utf8), .running),
         (Array("vllm:kv_cache_usage_perc".utf8), .kvCache),
         (Array("vllm:gpu_cache_usage_perc".utf8), .gpuCache),
+        (Array("vllm:lora_requests_info".utf8), .loraInfo),
     ]
 
     /// One `name{labels} value [timestamp]` line of a metric we want, or nil.
-    private static func parseLine<Bytes: Collection<UInt8>>(_ t: Bytes, _ start: Int, _ end: Int) -> (name: Name, value: Double)?
-    where Bytes.Index == Int {
+    private static func parseLine<Bytes: Collection<UInt8>>(_ t: Bytes, _ start: Int, _ end: Int)
+    -> (name: Name, value: Double, labels: Range<Int>?)? where Bytes.Index == Int {
         var i = start
         while i < end && isSpace(t[i]) { i += 1 }
         guard i < end, t[i] != UInt8(ascii: "#") else { return nil }
         let nameStart = i
         while i < end && t[i] != UInt8(ascii: "{") && !isSpace(t[i]) { i += 1 }
         guard let name = names.first(where: { equal(t, nameStart, i, $0.0) })?.1 else { return nil }
+        var labels: Range<Int>?
         if i < end && t[i] == UInt8(ascii: "{") {
             // Label values may hold '}' inside quotes, with backslash escapes.
             i += 1
+            let labelsStart = i
             var inQuotes = false
             while i < end {
                 let c = t[i]
@@ -72,6 +140,7 @@ public struct VLLMMetrics: Sendable, Equatable {
                 i += 1
             }
             guard i < end else { return nil }  // unterminated label set
+            labels = labelsStart..<i
             i += 1
         }
         guard i < end, isSpace(t[i]) else { return nil }
@@ -82,7 +151,7 @@ public struct VLLMMetrics: Sendable, Equatable {
               let value = Double(String(decoding: t[valueStart..<i], as: UTF8.self)), value.isFinite, value >= 0 else {
             return nil
         }
-        return (name, value)
+        return (name, value, labels)
     }
 
     @inline(__always)
@@ -96,4 +165,10 @@ public struct VLLMMetrics: Sendable, Equatable {
     }
 
     private static func clampedInt(_ v: Double) -> Int { v >= Double(Int32.max) ? Int(Int32.max) : Int(v.rounded()) }
+}
+
+extension Substring {
+    fileprivate func trimmingSpaces() -> String {
+        String(drop { $0 == " " }.reversed().drop { $0 == " " }.reversed())
+    }
 }

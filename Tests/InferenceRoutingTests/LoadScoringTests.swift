@@ -19,6 +19,64 @@ final class LoadScoringTests: XCTestCase {
         return out
     }
 
+    private func counts(_ set: EndpointSet, model: String, policy: LoadPolicy? = nil, now: UInt64, picks: Int = 2000) -> [String: Int] {
+        var rng = SplitMix64(seed: 11)
+        var out: [String: Int] = [:]
+        for _ in 0..<picks {
+            out[set.pick(subset: nil, policy: policy ?? self.policy, now: now, model: model, using: &rng)!.endpoint.address, default: 0] += 1
+        }
+        return out
+    }
+
+    func testLoRAAffinityScores() {
+        let a = LoRAAdapters(running: ["x", "y"], waiting: ["z"], maxAdapters: 4)
+        XCTAssertEqual(a.affinity(for: "x"), 1, "running here")
+        XCTAssertEqual(a.affinity(for: "new"), 0.8, "a free slot (3 of 4 in use)")
+        let full = LoRAAdapters(running: ["x", "y"], waiting: ["z", "x"], maxAdapters: 3)
+        XCTAssertEqual(full.affinity(for: "z"), 0.6, "waiting here, no free slot")
+        XCTAssertEqual(full.affinity(for: "new"), 0, "loading it would evict one")
+        XCTAssertEqual(LoRAAdapters(running: [], waiting: [], maxAdapters: 0).affinity(for: "x"), 0)
+    }
+
+    func testAdapterRequestsGoWhereTheAdapterRuns() throws {
+        let set = try pool(3)
+        let base = ["meta-llama/Llama-3.1-8B-Instruct"]
+        set.records[0].record(waiting: 1, running: 2, kvCacheUsage: 0.3,
+                              lora: LoRAAdapters(running: ["other"], waiting: [], maxAdapters: 1), servedModels: base, at: t0)
+        set.records[1].record(waiting: 1, running: 2, kvCacheUsage: 0.3,
+                              lora: LoRAAdapters(running: ["sql-lora"], waiting: [], maxAdapters: 1), servedModels: base, at: t0)
+        set.records[2].record(waiting: 1, running: 2, kvCacheUsage: 0.3,
+                              lora: LoRAAdapters(running: [], waiting: [], maxAdapters: 1), servedModels: base, at: t0)
+        // Equal load: the adapter's home (1.0) beats a free slot (0.8) beats a full server (0).
+        XCTAssertEqual(counts(set, model: "sql-lora", now: t0 + 1), ["10.0.0.2:80": 2000])
+        XCTAssertEqual(counts(set, model: "tweet-summary", now: t0 + 1), ["10.0.0.3:80": 2000])
+        // Load still counts: the adapter's home with a long queue loses to a free slot.
+        set.records[1].record(waiting: 9, running: 2, kvCacheUsage: 0.9,
+                              lora: LoRAAdapters(running: ["sql-lora"], waiting: [], maxAdapters: 1), servedModels: base, at: t0)
+        XCTAssertEqual(counts(set, model: "sql-lora", now: t0 + 1), ["10.0.0.3:80": 2000])
+    }
+
+    func testBaseModelRequestsAndServersWithoutLoRAIgnoreAdapters() throws {
+        let set = try pool(2)
+        let base = ["meta-llama/Llama-3.1-8B-Instruct"]
+        set.records[0].record(waiting: 1, running: 2, kvCacheUsage: 0.3,
+                              lora: LoRAAdapters(running: ["a"], waiting: [], maxAdapters: 1), servedModels: base, at: t0)
+        set.records[1].record(waiting: 1, running: 2, kvCacheUsage: 0.3,
+                              lora: LoRAAdapters(running: [], waiting: [], maxAdapters: 4), servedModels: base, at: t0)
+        // The base model is not an adapter: free slots do not matter, both share the load.
+        let c = counts(set, model: base[0], now: t0 + 1)
+        XCTAssertEqual(c.count, 2)
+        XCTAssertGreaterThan(c["10.0.0.1:80"]!, 800)
+        // The same adapter request follows the free slot, unless LoRA scoring is off.
+        XCTAssertEqual(counts(set, model: "b", now: t0 + 1), ["10.0.0.2:80": 2000])
+        var off = policy
+        off.loraWeight = 0
+        XCTAssertEqual(counts(set, model: "b", policy: off, now: t0 + 1).count, 2)
+        // No server reports adapters (LoRA off everywhere): nothing to weigh.
+        for r in set.records { r.record(waiting: 1, running: 2, kvCacheUsage: 0.3, at: t0) }
+        XCTAssertEqual(counts(set, model: "b", now: t0 + 1).count, 2)
+    }
+
     func testLowestQueueAndKVCacheWins() throws {
         let set = try pool(3)
         set.records[0].record(waiting: 6, running: 2, kvCacheUsage: 0.2, at: t0)

@@ -1,3 +1,4 @@
+import InferenceRouting
 import ModelServerMetrics
 import XCTest
 
@@ -21,7 +22,7 @@ final class VLLMMetricsTests: XCTestCase {
         vllm:num_requests_waiting_total_seconds 99
         vllm:prompt_tokens_total{model_name="facebook/opt-125m"} 123456.0
         """
-        XCTAssertEqual(parse(text), VLLMMetrics(waiting: 5, running: 5, kvCacheUsage: 0.5))
+        XCTAssertEqual(parse(text), VLLMMetrics(waiting: 5, running: 5, kvCacheUsage: 0.5, servedModels: ["facebook/opt-125m"]))
     }
 
     func testOlderGPUCacheNameAndKVPreferred() {
@@ -33,7 +34,37 @@ final class VLLMMetricsTests: XCTestCase {
     func testLabelsWithBracesQuotesAndTimestamps() {
         let text = #"vllm:num_requests_waiting{model_name="we}ird \"x\" }",lora=""} 7 1712345678000"# + "\r\n"
             + "\tvllm:kv_cache_usage_perc{a=\"b\"}   0.3\n"
-        XCTAssertEqual(parse(text), VLLMMetrics(waiting: 7, running: 0, kvCacheUsage: 0.3))
+        XCTAssertEqual(parse(text), VLLMMetrics(waiting: 7, running: 0, kvCacheUsage: 0.3, servedModels: [#"we}ird "x" }"#]))
+    }
+
+    func testLoRARequestsInfoNewestSeriesWins() {
+        // vLLM keeps one series per adapter state it has been in, valued with the time it began.
+        let text = """
+        # TYPE vllm:lora_requests_info gauge
+        vllm:lora_requests_info{max_lora="2",running_lora_adapters="",waiting_lora_adapters=""} 1.7123e+09
+        vllm:lora_requests_info{max_lora="2",running_lora_adapters="sql-lora, tweet-summary",waiting_lora_adapters="sql-lora-v2"} 1.7125e+09
+        vllm:lora_requests_info{max_lora="2",running_lora_adapters="old",waiting_lora_adapters=""} 1.7124e+09
+        vllm:num_requests_waiting{model_name="meta-llama/Llama-3.1-8B-Instruct"} 1
+        vllm:num_requests_running{model_name="meta-llama/Llama-3.1-8B-Instruct"} 3
+        vllm:kv_cache_usage_perc 0.2
+        """
+        let m = parse(text)
+        XCTAssertEqual(m?.lora, LoRAAdapters(running: ["sql-lora", "tweet-summary"], waiting: ["sql-lora-v2"], maxAdapters: 2))
+        XCTAssertEqual(m?.servedModels, ["meta-llama/Llama-3.1-8B-Instruct"])
+        // Empty lists, label order and spacing as a server may write them.
+        XCTAssertEqual(parse(#"vllm:lora_requests_info{ waiting_lora_adapters = "", max_lora="4" ,running_lora_adapters=""} 5"# +
+                             "\nvllm:num_requests_waiting 0\n")?.lora,
+                       LoRAAdapters(running: [], waiting: [], maxAdapters: 4))
+    }
+
+    func testLoRAInfoWithoutAValidMaxIsIgnored() {
+        XCTAssertNil(parse("vllm:num_requests_waiting 1\n")?.lora, "LoRA off: no series")
+        for bad in [#"{running_lora_adapters="a",waiting_lora_adapters=""}"#, #"{max_lora="x",running_lora_adapters="a"}"#,
+                    #"{max_lora="-1",running_lora_adapters="a"}"#, #"{max_lora="2",running_lora_adapters="a}"#] {
+            let m = parse("vllm:lora_requests_info\(bad) 1\nvllm:num_requests_waiting 2\n")
+            XCTAssertEqual(m?.waiting, 2, bad)
+            XCTAssertNil(m?.lora, bad)
+        }
     }
 
     func testNotVLLMOrGarbage() {

@@ -457,6 +457,65 @@ def test_pool_gauges(lb_epp, backends):
     wait_gauges(lb_epp, 0.5, 0.25)
 
 
+# -- LoRA affinity ----------------------------------------------------------------------------------------------
+
+def settled_scrapes(backends, n=2, timeout=SETTLE):
+    """Waits until each backend served `n` more /metrics scrapes: the EPP scraping only these has read the
+    knobs set before the call."""
+    start = [backend_stats(x)["metrics_scrapes"] for x in backends]
+    deadline = time.monotonic() + timeout
+    while any(backend_stats(x)["metrics_scrapes"] < s + n for x, s in zip(backends, start)):
+        assert time.monotonic() < deadline, "backends not scraped"
+        time.sleep(0.02)
+
+
+def test_lora_affinity(epp_factory, tmp_path_factory):
+    """vllm:lora_requests_info steers adapter requests: to the server running the adapter, else to one with a
+    free adapter slot; requests for the served base model ignore adapters; --lora-affinity-scoring=false spreads.
+    Equal queue and KV cache everywhere, so only the adapters differ. Backends of its own, scraped by one EPP at
+    a time, so the scrape counter says when the EPP has read a change."""
+    st, (a, b) = start_backends(tmp_path_factory, ["127.0.0.45", "127.0.0.46"], "lb-lora")
+    try:
+        epp = epp_factory(endpoints=[a.address, b.address], rules=RULES, name="epp-lora")
+        base = "facebook/opt-125m"  # the fakes' model_name label
+
+        async def spread(ch, model, n=30):
+            return collections.Counter([(await exchange(ch, model=model)).dest for _ in range(n)])
+
+        async def go(ch):
+            out = {}
+            # A runs sql-lora (1.0); B's only slot holds another adapter (0).
+            set_load(a, waiting=1, kv=0.2, lora_running=["sql-lora"], max_lora=1)
+            set_load(b, waiting=1, kv=0.2, lora_running=["tweet-summary"], max_lora=1)
+            await asyncio.to_thread(settled_scrapes, [a, b])
+            out["sql-lora on A"] = await paced(ch, 20, model="sql-lora")
+            out["tweet-summary on B"] = await paced(ch, 20, model="tweet-summary")
+            # The base model is no adapter: both share it although B's slots are full.
+            out["base"] = await spread(ch, base)
+            # A's slot freed (0.8), B now runs sql-lora (1.0): sql-lora moves to B, a new adapter goes to A.
+            set_load(a, waiting=1, kv=0.2, lora_running=[], max_lora=1)
+            set_load(b, waiting=1, kv=0.2, lora_running=["sql-lora"], max_lora=1)
+            await asyncio.to_thread(settled_scrapes, [a, b])
+            out["sql-lora on B"] = await paced(ch, 20, model="sql-lora")
+            out["new adapter on A"] = await paced(ch, 20, model="food-review")
+            return out
+        out = run(epp, go)
+        assert_all_to(out["sql-lora on A"], a.address, epp)
+        assert_all_to(out["tweet-summary on B"], b.address, epp)
+        assert set(out["base"]) == {a.address, b.address} and min(out["base"].values()) >= 3, out["base"]
+        assert_all_to(out["sql-lora on B"], b.address, epp)
+        assert_all_to(out["new adapter on A"], a.address, epp)
+        epp.stop()
+
+        off = epp_factory(extra=["--lora-affinity-scoring=false"], endpoints=[a.address, b.address], rules=RULES,
+                          name="epp-lora-off")
+        settled_scrapes([a, b])
+        dests = run(off, lambda ch: spread(ch, "sql-lora", 40))
+        assert set(dests) == {a.address, b.address} and min(dests.values()) >= 5, dests
+    finally:
+        st.stop()
+
+
 # -- prefix-cache affinity ---------------------------------------------------------------------------------------
 
 # No rewrite rule matches this model: the seed rule's 90/10 split would give one prompt two target models,
