@@ -468,8 +468,9 @@ final class ProcessStream: GRPCStreamHandler {
         let (length, splice) = heldPlan()
         if length <= WireNames.maxBodyChunk && (splice != nil || held.count > 1) {
             // One reply: the pieces go out as parts of it, with no joined copy in between.
+            var parts = StreamParts(stream: stream)
             ReplyEncoding.streamedBody(count: length, endOfStream: endOfStream, request: true,
-                                       emit: { stream.sendFramed($0) }) { out in
+                                       into: &parts) { out in
                 writeHeld(splice, into: &out)
             }
             dropHeld()
@@ -540,8 +541,9 @@ final class ProcessStream: GRPCStreamHandler {
         var body = body
         repeat {
             let piece = body.readSlice(length: min(body.readableBytes, WireNames.maxBodyChunk))!
+            var parts = StreamParts(stream: stream)
             ReplyEncoding.streamedBody(count: piece.readableBytes, endOfStream: endOfStream && body.readableBytes == 0,
-                                       request: request, emit: { stream.sendFramed($0) }) { $0.write(piece) }
+                                       request: request, into: &parts) { $0.write(piece) }
         } while body.readableBytes > 0
     }
 
@@ -588,8 +590,9 @@ final class ProcessStream: GRPCStreamHandler {
             if length == 0 && !body.endOfStream { break }
             if length <= WireNames.maxBodyChunk && !isChunkItself(chunk) {
                 // One reply: the rewritten pieces go out as parts of it.
+                var parts = StreamParts(stream: stream)
                 ReplyEncoding.streamedBody(count: length, endOfStream: body.endOfStream, request: false,
-                                           emit: { stream.sendFramed($0) }) { out in
+                                           into: &parts) { out in
                     writeSegments(of: chunk, into: &out)
                 }
             } else {

@@ -1,4 +1,5 @@
 import Foundation
+import GRPCServer
 import NIOCore
 
 /// Wire encoding of the replies sent for every request, written straight into the gRPC frame.
@@ -83,22 +84,20 @@ enum ReplyEncoding {
     /// A FULL_DUPLEX_STREAMED body piece: ProcessingResponse{request_body|response_body{response{
     /// body_mutation{streamed_response{body, end_of_stream}}}}}, as one buffer (tests, small bodies).
     static func streamedBody(_ body: ByteBuffer, endOfStream: Bool, request: Bool) -> ByteBuffer {
-        var joined = ProtobufAllocator.allocator.buffer(capacity: 5 + body.readableBytes + 32)
-        streamedBody(count: body.readableBytes, endOfStream: endOfStream, request: request,
-                     emit: { part in var part = part; joined.writeBuffer(&part) },
-                     writeBody: { $0.write(body) })
-        return joined
+        var sink = JoinedParts()
+        streamedBody(count: body.readableBytes, endOfStream: endOfStream, request: request, into: &sink) { $0.write(body) }
+        return sink.joined
     }
 
-    /// The same reply handed to `emit` as consecutive parts of one gRPC message: the prefix and
+    /// The same reply handed to `sink` as consecutive parts of one gRPC message: the prefix and
     /// protobuf fields, then the body that `writeBody` writes (exactly `count` bytes), then
     /// `end_of_stream`. A body under `BodyParts.partsFrom` bytes is copied into the one buffer of
     /// the reply. A larger one goes out as the slices it is made of (short pieces, such as a
     /// replaced model name, are copied after the fields): the HTTP/2 layer sends slices of 8 KiB and
     /// more without copying them, so a 62,000-byte chunk is not copied into a reply buffer first.
     /// (Parts for small bodies too were tried: the extra queue entries cost more than the copy.)
-    static func streamedBody(count: Int, endOfStream: Bool, request: Bool, emit: (ByteBuffer) -> Void,
-                             writeBody: (inout BodyParts) -> Void) {
+    static func streamedBody<Sink: ReplyPartSink>(count: Int, endOfStream: Bool, request: Bool, into sink: inout Sink,
+                                                  writeBody: (inout BodyParts<Sink>) -> Void) {
         let bodyField = count == 0 ? 0 : 1 + varintSize(count) + count
         let streamed = bodyField + (endOfStream ? 2 : 0)
         let mutation = 1 + varintSize(streamed) + streamed
@@ -106,29 +105,28 @@ enum ReplyEncoding {
         let bodyResponse = 1 + varintSize(common) + common
         let total = 1 + varintSize(bodyResponse) + bodyResponse
         let head = total - count - (endOfStream ? 2 : 0)  // everything before the body bytes
-        let inParts = count >= BodyParts.partsFrom
-        var first = ProtobufAllocator.allocator.buffer(capacity: 5 + head + (inParts ? BodyParts.copyLimit : count) + 2)
-        first.writeProto(messageLength: total, partLength: head) { w in
+        let inParts = count >= BodyParts<Sink>.partsFrom
+        var parts = BodyParts(capacity: 5 + head + (inParts ? BodyParts<Sink>.copyLimit : count) + 2,
+                              copyLimit: inParts ? BodyParts<Sink>.copyLimit : .max, sink: sink)
+        parts.current.writeProto(messageLength: total, partLength: head) { w in
             w.open(request ? 3 : 4, bodyResponse)  // ProcessingResponse.request_body / response_body
             w.open(1, common)                      // BodyResponse.response
             w.open(3, mutation)                    // CommonResponse.body_mutation
             w.open(3, streamed)                    // BodyMutation.streamed_response
             if count > 0 { w.open(1, count) }      // StreamedBodyResponse.body
         }
-        withoutActuallyEscaping(emit) { emit in
-            var parts = BodyParts(current: first, copyLimit: inParts ? BodyParts.copyLimit : .max, emit: emit)
-            if count > 0 { writeBody(&parts) }
-            precondition(parts.written == count, "body of \(parts.written) bytes, \(count) announced")
-            if endOfStream {
-                if parts.current.writableBytes >= 2 {
-                    parts.current.writeInteger(UInt16(0x1001))  // StreamedBodyResponse.end_of_stream = true
-                } else {
-                    parts.flush()
-                    parts.current = endOfStreamField
-                }
+        if count > 0 { writeBody(&parts) }
+        precondition(parts.written == count, "body of \(parts.written) bytes, \(count) announced")
+        if endOfStream {
+            if parts.current.writableBytes >= 2 {
+                parts.current.writeInteger(UInt16(0x1001))  // StreamedBodyResponse.end_of_stream = true
+            } else {
+                parts.flush()
+                parts.current = endOfStreamField
             }
-            parts.flush()
         }
+        parts.flush()
+        sink = parts.sink
     }
 
     /// StreamedBodyResponse.end_of_stream = true, shared by every reply whose last part it is.
@@ -138,21 +136,23 @@ enum ReplyEncoding {
         return b
     }()
 
-    /// Where a streamed reply's body is written: see `streamedBody(count:endOfStream:request:emit:writeBody:)`.
-    struct BodyParts: BodySink {
+    /// Where a streamed reply's body is written: see `streamedBody(count:endOfStream:request:into:writeBody:)`.
+    /// Generic over the sink rather than holding a closure: a stored closure's context is a heap
+    /// allocation per reply.
+    struct BodyParts<Sink: ReplyPartSink>: BodySink {
         /// Bodies from this size are sent in parts (the HTTP/2 layer's zero-copy threshold).
-        static let partsFrom = 8192
+        static var partsFrom: Int { 8192 }
         /// In parts, pieces up to this size are copied (when they fit); longer ones are passed on.
-        static let copyLimit = 256
+        static var copyLimit: Int { 256 }
         fileprivate var current: ByteBuffer
         private let copyLimit: Int
-        fileprivate let emit: (ByteBuffer) -> Void
+        fileprivate var sink: Sink
         fileprivate(set) var written = 0
 
-        fileprivate init(current: ByteBuffer, copyLimit: Int, emit: @escaping (ByteBuffer) -> Void) {
-            self.current = current
+        fileprivate init(capacity: Int, copyLimit: Int, sink: Sink) {
+            self.current = ProtobufAllocator.allocator.buffer(capacity: capacity)
             self.copyLimit = copyLimit
-            self.emit = emit
+            self.sink = sink
         }
 
         /// Appends a piece of a received buffer (a slice keeps it alive until it is sent).
@@ -165,7 +165,7 @@ enum ReplyEncoding {
                 current.writeBuffer(&piece)
             } else {
                 flush()
-                emit(piece)
+                sink.emit(piece)
             }
         }
 
@@ -181,7 +181,7 @@ enum ReplyEncoding {
         }
 
         fileprivate mutating func flush() {
-            if current.readableBytes > 0 { emit(current) }
+            if current.readableBytes > 0 { sink.emit(current) }
             current = ByteBuffer()
         }
     }
@@ -246,6 +246,27 @@ extension ByteBuffer {
             precondition(w.count == partLength, "reply size \(w.count) differs from the computed \(partLength)")
             return partLength
         }
+    }
+}
+
+/// Where the parts of a reply go, in order (a stream, or a buffer in tests).
+protocol ReplyPartSink {
+    mutating func emit(_ part: ByteBuffer)
+}
+
+/// Parts sent on a stream as they come (the HTTP/2 layer queues them in order).
+struct StreamParts: ReplyPartSink {
+    let stream: GRPCServerStream
+    func emit(_ part: ByteBuffer) { stream.sendFramed(part) }
+}
+
+/// Parts joined into one buffer.
+struct JoinedParts: ReplyPartSink {
+    var joined = ByteBuffer()
+    mutating func emit(_ part: ByteBuffer) {
+        if joined.readableBytes == 0 { joined = part; return }
+        var part = part
+        joined.writeBuffer(&part)
     }
 }
 

@@ -61,12 +61,13 @@ final class ReplyEncodingTests: XCTestCase {
         let replacement = Array("\"facebook/opt-125m\"".utf8)
         let count = 10 + replacement.count + 20_000
         for eos in [false, true] {
-            var parts: [ByteBuffer] = []
-            ReplyEncoding.streamedBody(count: count, endOfStream: eos, request: true, emit: { parts.append($0) }) { out in
+            var sink = CollectedParts()
+            ReplyEncoding.streamedBody(count: count, endOfStream: eos, request: true, into: &sink) { out in
                 out.write(before)
                 out.write(bytes: replacement)
                 out.write(after)
             }
+            let parts = sink.parts
             XCTAssertEqual(parts.count, eos ? 3 : 2, "fields with the short pieces, the long piece, end_of_stream")
             XCTAssertEqual(parts[1], after, "the long piece is passed on as it is")
             var joined = ByteBuffer()
@@ -75,12 +76,12 @@ final class ReplyEncodingTests: XCTestCase {
             XCTAssertEqual(try decode(joined), Replies.streamedBody(expected, endOfStream: eos, request: true))
         }
         // Under 8 KiB: one part.
-        var parts: [ByteBuffer] = []
-        ReplyEncoding.streamedBody(count: 8191, endOfStream: true, request: false, emit: { parts.append($0) }) {
+        var sink = CollectedParts()
+        ReplyEncoding.streamedBody(count: 8191, endOfStream: true, request: false, into: &sink) {
             $0.write(received.getSlice(at: 0, length: 8191)!)
         }
-        XCTAssertEqual(parts.count, 1)
-        XCTAssertEqual(try decode(parts[0]).responseBody.response.bodyMutation.streamedResponse.body.count, 8191)
+        XCTAssertEqual(sink.parts.count, 1)
+        XCTAssertEqual(try decode(sink.parts[0]).responseBody.response.bodyMutation.streamedResponse.body.count, 8191)
     }
 
     func testStreamedBodyOfASlice() throws {
@@ -107,4 +108,9 @@ final class RequestClassificationTests: XCTestCase {
         XCTAssertEqual(mode("text/plain"), .passthrough)
         XCTAssertEqual(mode(""), .passthrough)
     }
+}
+
+private struct CollectedParts: ReplyPartSink {
+    var parts: [ByteBuffer] = []
+    mutating func emit(_ part: ByteBuffer) { parts.append(part) }
 }
