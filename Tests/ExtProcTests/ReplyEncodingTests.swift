@@ -52,36 +52,41 @@ final class ReplyEncodingTests: XCTestCase {
         }
     }
 
-    /// From 8 KiB a body goes out as parts: short pieces are copied after the fields, long ones are
-    /// passed on as they are (no copy here; the HTTP/2 layer sends them as slices), and the parts
-    /// joined are exactly the one-buffer message.
-    func testLargeStreamedBodyGoesOutInParts() throws {
+    /// A body goes out as parts: short pieces are copied after the fields, long ones are passed on
+    /// as they are (no copy here; the HTTP/2 layer copies them into its output or sends them as
+    /// slices), and the parts joined are exactly the one-buffer message.
+    func testStreamedBodyGoesOutInParts() throws {
         let received = ByteBuffer(bytes: (0..<30_000).map { UInt8(truncatingIfNeeded: $0 &* 7) })
-        let before = received.getSlice(at: 0, length: 10)!, after = received.getSlice(at: 16, length: 20_000)!
         let replacement = Array("\"facebook/opt-125m\"".utf8)
-        let count = 10 + replacement.count + 20_000
-        for eos in [false, true] {
-            var sink = CollectedParts()
-            ReplyEncoding.streamedBody(count: count, endOfStream: eos, request: true, into: &sink) { out in
-                out.write(before)
-                out.write(bytes: replacement)
-                out.write(after)
+        for longPiece in [300, 1_000, 20_000] {
+            let before = received.getSlice(at: 0, length: 10)!, after = received.getSlice(at: 16, length: longPiece)!
+            let count = 10 + replacement.count + longPiece
+            for eos in [false, true] {
+                var sink = CollectedParts()
+                ReplyEncoding.streamedBody(count: count, endOfStream: eos, request: true, into: &sink) { out in
+                    out.write(before)
+                    out.write(bytes: replacement)
+                    out.write(after)
+                }
+                let parts = sink.parts
+                XCTAssertEqual(parts.count, eos ? 3 : 2, "fields with the short pieces, the long piece, end_of_stream")
+                XCTAssertEqual(parts[1], after, "the long piece is passed on as it is")
+                var joined = ByteBuffer()
+                for var p in parts { joined.writeBuffer(&p) }
+                let expected = Data(before.readableBytesView) + Data(replacement) + Data(after.readableBytesView)
+                XCTAssertEqual(try decode(joined), Replies.streamedBody(expected, endOfStream: eos, request: true))
             }
-            let parts = sink.parts
-            XCTAssertEqual(parts.count, eos ? 3 : 2, "fields with the short pieces, the long piece, end_of_stream")
-            XCTAssertEqual(parts[1], after, "the long piece is passed on as it is")
-            var joined = ByteBuffer()
-            for var p in parts { joined.writeBuffer(&p) }
-            let expected = Data(before.readableBytesView) + Data(replacement) + Data(after.readableBytesView)
-            XCTAssertEqual(try decode(joined), Replies.streamedBody(expected, endOfStream: eos, request: true))
         }
-        // Under 8 KiB: one part.
+        // A small body (a JSON response chunk) travels inside the first part, end_of_stream too.
         var sink = CollectedParts()
-        ReplyEncoding.streamedBody(count: 8191, endOfStream: true, request: false, into: &sink) {
-            $0.write(received.getSlice(at: 0, length: 8191)!)
+        ReplyEncoding.streamedBody(count: 200, endOfStream: true, request: false, into: &sink) {
+            $0.write(received.getSlice(at: 0, length: 120)!)
+            $0.write(received.getSlice(at: 120, length: 80)!)
         }
         XCTAssertEqual(sink.parts.count, 1)
-        XCTAssertEqual(try decode(sink.parts[0]).responseBody.response.bodyMutation.streamedResponse.body.count, 8191)
+        XCTAssertEqual(try decode(sink.parts[0]).responseBody.response.bodyMutation.streamedResponse,
+                       Replies.streamedBody(Data(received.getSlice(at: 0, length: 200)!.readableBytesView), endOfStream: true,
+                                            request: false).responseBody.response.bodyMutation.streamedResponse)
     }
 
     func testStreamedBodyOfASlice() throws {
