@@ -110,7 +110,30 @@ public final class InferenceMetrics: ExtProcObserver, Sendable {
         registry.emit(into: &out)
         let all = series.withLockedValue { table in table.values.map(\.histograms) }
         SeriesHistograms.emit(all.sorted { $0.renderedLabels.lexicographicallyPrecedes($1.renderedLabels) }, into: &out)
+        emitPerPodQueues(endpoints, into: &out)
         return out
+    }
+
+    /// `inference_pool_per_pod_queue_size{name, model_server_pod}` (the reference's per-pod gauge):
+    /// one series per endpoint with a fresh load sample, written here rather than kept in the
+    /// registry so that pods that left the pool or stopped reporting drop out at once. The pod is
+    /// its name, or its address when it has none (standalone `--endpoints`).
+    private func emitPerPodQueues(_ endpoints: EndpointSet, into out: inout [UInt8]) {
+        let now = MonotonicClock.nanoseconds
+        var lines: [(pod: String, waiting: Int)] = []
+        for r in endpoints.records {
+            guard let l = r.freshLoad(now: now, loadPolicy) else { continue }
+            lines.append((r.endpoint.podName ?? r.endpoint.address, l.waiting))
+        }
+        guard !lines.isEmpty else { return }
+        out.append(contentsOf: "# HELP inference_pool_per_pod_queue_size The total number of requests pending in the model server queue for each underlying pod.\n# TYPE inference_pool_per_pod_queue_size gauge\n".utf8)
+        for (pod, waiting) in lines.sorted(by: { $0.pod < $1.pod }) {
+            out.append(contentsOf: #"inference_pool_per_pod_queue_size{model_server_pod=""#.utf8)
+            out.appendEscapedLabelValue(pod)
+            out.append(contentsOf: #"",name=""#.utf8)
+            out.appendEscapedLabelValue(poolName)
+            out.append(contentsOf: "\"} \(waiting)\n".utf8)
+        }
     }
 
     /// `error_code` label values as the reference uses them.

@@ -142,7 +142,7 @@ public final class EndpointRecord: Sendable {
 
     /// The last sample if it is no older than the policy allows.
     @inline(__always)
-    func freshLoad(now: UInt64, _ policy: LoadPolicy) -> EndpointLoad? {
+    public func freshLoad(now: UInt64, _ policy: LoadPolicy) -> EndpointLoad? {
         guard let l = load, now &- l.sampledAt <= policy.stalenessNanos || l.sampledAt > now else { return nil }
         return l
     }

@@ -30,6 +30,25 @@ final class InferenceMetricsTests: XCTestCase {
         return out
     }
 
+    func testPerPodQueueGaugesNameThePodAndOnlyFreshOnes() {
+        let list = [Endpoint(host: "10.0.0.1", port: 8000, podName: "vllm-a"), Endpoint(host: "10.0.0.2", port: 8000, podName: "vllm-b"),
+                    Endpoint(host: "10.0.0.3", port: 8000)]
+        let set = EndpointSet(endpoints: list)
+        let snapshot = RoutingSnapshot(rules: RewriteRules(), objectives: Objectives(), endpoints: set, origin: "test")
+        let m = InferenceMetrics(poolName: "vllm-pool", state: RoutingState(snapshot),
+                                 loadPolicy: LoadPolicy(enabled: true, stalenessSeconds: 2))
+        XCTAssertFalse(samples(m).keys.contains { $0.hasPrefix("inference_pool_per_pod_queue_size") }, "no samples yet")
+        let now = MonotonicClock.nanoseconds
+        set.records[0].record(waiting: 3, running: 1, kvCacheUsage: 0.5, at: now)
+        set.records[1].record(waiting: 9, running: 1, kvCacheUsage: 0.5, at: now - 5_000_000_000)  // stale
+        set.records[2].record(waiting: 1, running: 1, kvCacheUsage: 0.5, at: now)
+        let s = samples(m)
+        XCTAssertEqual(s[#"inference_pool_per_pod_queue_size{model_server_pod="vllm-a",name="vllm-pool"}"#], "3")
+        XCTAssertEqual(s[#"inference_pool_per_pod_queue_size{model_server_pod="10.0.0.3:8000",name="vllm-pool"}"#], "1")
+        XCTAssertEqual(s.keys.filter { $0.hasPrefix("inference_pool_per_pod_queue_size") }.count, 2, "the stale pod is left out")
+        XCTAssertEqual(s[#"inference_pool_average_queue_size{name="vllm-pool"}"#], "2.0")
+    }
+
     func testCompletedRequestsCountTokensSizesAndDuration() {
         let m = makeMetrics()
         for _ in 0..<3 {

@@ -444,14 +444,22 @@ def test_scraping_off(epp_factory, tmp_path_factory):
         st.stop()
 
 
+def per_pod_queue(epp, backend):
+    return epp_gauge(epp, "inference_pool_per_pod_queue_size", name=POOL, model_server_pod=backend.address)
+
+
 def test_pool_gauges(lb_epp, backends):
     a, b = backends
     set_load(a, waiting=2, kv=0.2)
     set_load(b, waiting=4, kv=0.4)
     wait_gauges(lb_epp, 3.0, 0.3)
-    # Means over endpoints with fresh metrics only: once A's metrics are gone (404, stale after 2 s), B's alone.
+    # Per pod (standalone endpoints have no pod name: the address stands for it).
+    assert (per_pod_queue(lb_epp, a), per_pod_queue(lb_epp, b)) == (2, 4)
+    # Means over endpoints with fresh metrics only: once A's metrics are gone (404, stale after 2 s), B's alone,
+    # and A's per-pod series is gone too rather than frozen at its last value.
     set_load(a, waiting=2, kv=0.2, metrics="404")
     wait_gauges(lb_epp, 4.0, 0.4)
+    assert (per_pod_queue(lb_epp, a), per_pod_queue(lb_epp, b)) == (None, 4)
     set_load(a, waiting=0, kv=0.0)
     set_load(b, waiting=1, kv=0.5)
     wait_gauges(lb_epp, 0.5, 0.25)
