@@ -51,6 +51,7 @@ final class EPPApp: Sendable {
         let scraper = try makeScraper(options, state: source.state, logger: logger)
         extProc.loadPolicy = LoadPolicy(enabled: scraper != nil, stalenessSeconds: options.metricsStalenessThreshold)
         if !options.loraAffinityScoring { extProc.loadPolicy.loraWeight = 0 }
+        extProc.admissionQueue = try makeAdmissionQueue(options, scraping: scraper != nil)
         if scraper != nil { try configurePrefixCache(options, &extProc) }
         // No metrics listener → nothing recorded on the request path either.
         let metrics = options.metricsPort > 0
@@ -101,6 +102,21 @@ final class EPPApp: Sendable {
         extProc.prefixCache = PrefixCacheIndex(capacity: options.prefixCacheCapacity)
         extProc.prefixBlockBytes = options.prefixCacheBlockBytes
         extProc.prefixMaxBlocks = options.prefixCacheMaxBlocks
+    }
+
+    /// The admission queue for sheddable requests (only meaningful with load scraping, which
+    /// detects saturation); nil when `--sheddable-queue-timeout` is 0.
+    private static func makeAdmissionQueue(_ options: EPPCommand, scraping: Bool) throws -> AdmissionQueue? {
+        guard options.sheddableQueueTimeout.isFinite, options.sheddableQueueTimeout >= 0 else {
+            throw ValidationFailure("--sheddable-queue-timeout must be 0 (refuse at once) or a positive number of seconds")
+        }
+        guard options.sheddableQueueCapacity > 0 else {
+            throw ValidationFailure("--sheddable-queue-capacity must be positive")
+        }
+        guard scraping, options.sheddableQueueTimeout > 0 else { return nil }
+        return AdmissionQueue(timeout: .nanoseconds(Int64(options.sheddableQueueTimeout * 1e9)),
+                              capacity: options.sheddableQueueCapacity,
+                              recheckInterval: .nanoseconds(Int64(options.refreshMetricsInterval * 1e9)))
     }
 
     /// The model-server scraper on a thread of its own, so parsing expositions never delays a request.

@@ -37,6 +37,8 @@ public struct EPPCommand: AsyncParsableCommand {
     @Option(help: "Prompt bytes per prefix block (~16 tokens).") var prefixCacheBlockBytes = 64
     @Option(help: "Leading prompt blocks hashed per request.") var prefixCacheMaxBlocks = 64
     @Option(help: "Prefix blocks remembered (per generation; the oldest generation is forgotten when one fills).") var prefixCacheCapacity = 131_072
+    @Option(help: "Seconds a sheddable request waits for a saturated pool to have room before its 429; 0: 429 at once.") var sheddableQueueTimeout: Double = 0
+    @Option(help: "Sheddable requests waiting at most at once (more get 429 at once).") var sheddableQueueCapacity = 1024
     @Option(help: "LoRA affinity: prefer endpoints running the requested adapter, then ones with a free adapter slot (vllm:lora_requests_info).") var loraAffinityScoring = true
 
     public init() {}

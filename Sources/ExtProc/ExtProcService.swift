@@ -36,6 +36,8 @@ public struct ExtProcConfiguration: Sendable {
     /// Prompt bytes per prefix block, and how many leading blocks are hashed.
     public var prefixBlockBytes = 64
     public var prefixMaxBlocks = 64
+    /// Sheddable requests wait here while the pool is saturated; nil: refused at once (429).
+    public var admissionQueue: AdmissionQueue?
 
     public init() {}
 }

@@ -42,6 +42,10 @@ final class ProcessStream: GRPCStreamHandler {
     private var heldOffset = 0
     private var requestBodyEnded = false
     private var generatedRequestID: String?
+    /// Waiting in the admission queue for the pool to have room (sheddable, pool saturated):
+    /// since when, and the next re-check.
+    private var queuedSince: NIODeadline?
+    private var admissionCheck: Scheduled<Void>?
 
     // Routing outcome
     private var clientModel: String?
@@ -134,10 +138,11 @@ final class ProcessStream: GRPCStreamHandler {
         observerToken = nil
     }
 
-    /// Ends in-flight accounting for the chosen endpoint (once).
+    /// Ends in-flight accounting for the chosen endpoint (once), and leaves the admission queue.
     private func release() {
         endpoint?.end()
         endpoint = nil
+        leaveAdmissionQueue()
     }
 
     // MARK: Request headers
@@ -228,9 +233,15 @@ final class ProcessStream: GRPCStreamHandler {
         } else if !readyToRoute() || awaitingPrefix() {
             return
         }
+        if queuedSince != nil { return }  // waiting for admission: the chunk is held
+        routeAndFlushHeld(stream)
+    }
+
+    /// FULL_DUPLEX: routes, then sends what was held (unless routing answered or queued instead).
+    private func routeAndFlushHeld(_ stream: GRPCServerStream) {
         routeAndReplyHeaders(stream)
-        guard !done else { return }
-        flushHeld(endOfStream: endOfStream, stream)
+        guard routed, !done else { return }
+        flushHeld(endOfStream: requestBodyEnded, stream)
     }
 
     /// STREAMED: routed on headers already; each chunk gets one reply replacing it. Bytes before the
@@ -258,6 +269,12 @@ final class ProcessStream: GRPCStreamHandler {
     private func bufferedBody(_ chunk: ByteBuffer, endOfStream: Bool, _ stream: GRPCServerStream) {
         held.append(chunk)
         if endOfStream, let error = finalValidation() { return fail(error, stream) }
+        if queuedSince != nil { return }  // waiting for admission: the chunk is held
+        routeBuffered(stream)
+    }
+
+    /// BUFFERED: routes and answers the body message (unless routing answered or queued instead).
+    private func routeBuffered(_ stream: GRPCServerStream) {
         guard let decision = route(stream) else { return }
         stream.send(Replies.bodyReplace(Data(takeHeld().readableBytesView), headers: decision.mutation, clearRouteCache: true,
                                         metadata: decision.metadata, request: true))
@@ -381,7 +398,7 @@ final class ProcessStream: GRPCStreamHandler {
             // Sheddable (priority < 0) requests wait for a pool with room, as in the reference.
             if info.objective != nil, snapshot.objectives.priority(for: info.objective) < 0,
                snapshot.endpoints.isSaturated(subset: info.subset, policy: policy, now: now) {
-                fail(.saturated(objective: info.objective ?? ""), stream)
+                if !enterAdmissionQueue(stream) { fail(.saturated(objective: info.objective ?? ""), stream) }
                 return nil
             }
             // Prefix affinity is weighed against load: without fresh load samples it is not
@@ -681,6 +698,58 @@ final class ProcessStream: GRPCStreamHandler {
     // MARK: Errors
 
     /// Answers the HTTP request with an error from the gateway and stops processing.
+    // MARK: Admission queue
+
+    /// Starts waiting for the pool to have room; false when this request cannot wait (no queue,
+    /// queue full, or a body mode in which the gateway is timing the reply).
+    private func enterAdmissionQueue(_ stream: GRPCServerStream) -> Bool {
+        guard let queue = configuration.admissionQueue, queuedSince == nil,
+              requestMode == .fullDuplexStreamed || requestMode == .buffered || requestMode == .bufferedPartial,
+              bodyBytes > 0 || !requestBodyEnded,  // a request without a body is routed on its headers
+              queue.enter() else { return false }
+        queuedSince = .now()
+        scheduleAdmissionCheck(stream, queue)
+        return true
+    }
+
+    private func scheduleAdmissionCheck(_ stream: GRPCServerStream, _ queue: AdmissionQueue) {
+        admissionCheck = stream.eventLoop.assumeIsolated().scheduleTask(in: queue.recheckInterval) { [self] in
+            admissionCheck = nil
+            checkAdmission(stream, queue)
+        }
+    }
+
+    /// Timer: routes the waiting request once the pool has room, refuses it once it waited too long.
+    private func checkAdmission(_ stream: GRPCServerStream, _ queue: AdmissionQueue) {
+        guard let since = queuedSince, !done else { return }
+        // Endpoints and rules may have changed while it waited.
+        snapshot = state.snapshot
+        let saturated = snapshot!.endpoints.isSaturated(subset: info.subset, policy: configuration.loadPolicy,
+                                                        now: MonotonicClock.nanoseconds)
+        if saturated {
+            let waited = NIODeadline.now() - since
+            if waited >= queue.timeout {
+                return fail(.queueTimeout(objective: info.objective ?? "", waited: waited), stream)
+            }
+            return scheduleAdmissionCheck(stream, queue)
+        }
+        leaveAdmissionQueue()
+        if requestMode == .fullDuplexStreamed {
+            routeAndFlushHeld(stream)
+        } else {
+            routeBuffered(stream)
+        }
+    }
+
+    private func leaveAdmissionQueue() {
+        admissionCheck?.cancel()
+        admissionCheck = nil
+        if queuedSince != nil {
+            queuedSince = nil
+            configuration.admissionQueue?.leave()
+        }
+    }
+
     private func fail(_ error: PickerError, _ stream: GRPCServerStream) {
         guard !done else { return }
         done = true

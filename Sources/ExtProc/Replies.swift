@@ -1,4 +1,5 @@
 import Foundation
+import NIOCore
 import Protos
 import StreamingJSON
 import SwiftProtobuf
@@ -156,6 +157,11 @@ struct PickerError: Error {
         PickerError(status: 429, type: "too_many_requests",
                     message: "the inference pool is saturated; sheddable objective '\(objective)' was not admitted",
                     details: "epp_pool_saturated")
+    }
+    static func queueTimeout(objective: String, waited: TimeAmount) -> PickerError {
+        PickerError(status: 429, type: "too_many_requests",
+                    message: "the inference pool stayed saturated; sheddable objective '\(objective)' waited \(waited.nanoseconds / 1_000_000) ms and was not admitted",
+                    details: "epp_queue_timeout")
     }
     static func internalError(_ why: String) -> PickerError {
         PickerError(status: 500, type: "internal_error", message: why, details: "epp_internal_error")

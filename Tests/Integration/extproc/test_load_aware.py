@@ -32,7 +32,7 @@ import grpc
 import pytest
 
 import stack
-from extproc_lib import Stream, destination, joined_request_body, kind, req_body, req_headers, resp_body, \
+from extproc_lib import BUFFERED, Stream, destination, joined_request_body, kind, req_body, req_headers, resp_body, \
     resp_headers, streamed_body, top_model
 
 POOL = "vllm-pool"
@@ -465,6 +465,103 @@ def test_pool_gauges(lb_epp, backends):
     wait_gauges(lb_epp, 0.5, 0.25)
 
 
+# -- admission queue (--sheddable-queue-timeout) -----------------------------------------------------------------
+
+async def open_batch(ch):
+    """A sheddable request whose headers and whole body are sent; returns the stream (its reply not read)."""
+    s = Stream(ch)
+    body = json.dumps({"model": "opt-stable", "prompt": "queued", "max_tokens": 3}).encode()
+    await s.send(req_headers(headers={OBJECTIVE_HEADER: "batch"}), req_body(body, eos=True))
+    return s
+
+
+def test_sheddable_requests_wait_for_room(epp_factory, backends):
+    """With --sheddable-queue-timeout, a sheddable request in a saturated pool waits instead of getting 429 at
+    once: routed as soon as the pool has room, 429 (epp_queue_timeout) when it stays full, and never more than
+    --sheddable-queue-capacity waiting (the rest get 429 at once); a waiter the gateway abandons frees its place."""
+    epp = epp_factory(extra=["--sheddable-queue-timeout", "1.5", "--sheddable-queue-capacity", "2"],
+                      endpoints=[b.address for b in backends], rules=RULES, name="epp-queue")
+
+    async def go(ch):
+        out = {}
+        for x in backends:
+            set_load(x, waiting=10)
+        await settled(epp, 10.0, 0.0)
+        # Admitted once the load goes away.
+        t0 = time.monotonic()
+        s = await open_batch(ch)
+        out["quiet while saturated"] = await s.no_reply_within(0.5)
+        for x in backends:
+            set_load(x)
+        first = await s.recv_pending(timeout=5)
+        out["admitted after"] = time.monotonic() - t0
+        out["admitted reply"] = kind(first)
+        out["admitted dest"] = destination(first)[0] if kind(first) == "request_headers" else None
+        s.call.cancel()
+        # Stays saturated: 429 epp_queue_timeout after the timeout.
+        for x in backends:
+            set_load(x, waiting=10)
+        await settled(epp, 10.0, 0.0)
+        t0 = time.monotonic()
+        s = await open_batch(ch)
+        out["timeout reply"] = await s.recv(timeout=5)
+        out["timed out after"] = time.monotonic() - t0
+        # Capacity 2: two wait, a third is refused at once; cancelling one frees its place.
+        waiters = [await open_batch(ch) for _ in range(2)]
+        for w in waiters:
+            assert await w.no_reply_within(0.2)
+        t0 = time.monotonic()
+        third = await open_batch(ch)
+        out["third reply"] = await third.recv(timeout=5)
+        out["third after"] = time.monotonic() - t0
+        waiters[0].call.cancel()
+        await asyncio.sleep(0.2)
+        fourth = await open_batch(ch)
+        out["fourth waits"] = await fourth.no_reply_within(0.5)
+        for x in backends:
+            set_load(x)
+        for w in (waiters[1], fourth):
+            r = await w.recv_pending(timeout=5)
+            out.setdefault("later admitted", []).append(kind(r))
+            w.call.cancel()
+        # BUFFERED (other gateways): the body reply, which carries the routing, waits the same way.
+        for x in backends:
+            set_load(x, waiting=10)
+        await settled(epp, 10.0, 0.0)
+        s = Stream(ch)
+        await s.send(req_headers(mode=BUFFERED, headers={OBJECTIVE_HEADER: "batch"}))
+        out["buffered headers reply"] = kind(await s.recv())
+        await s.send(req_body(json.dumps({"model": "opt-stable", "prompt": "queued"}).encode(), eos=True))
+        out["buffered quiet"] = await s.no_reply_within(0.5)
+        for x in backends:
+            set_load(x)
+        r = await s.recv_pending(timeout=5)
+        out["buffered routed"] = kind(r) == "request_body" and destination(r)[0] in [b.address for b in backends]
+        s.call.cancel()
+        # Critical requests never wait.
+        for x in backends:
+            set_load(x, waiting=10)
+        await settled(epp, 10.0, 0.0)
+        out["critical"] = await exchange(ch, objective_name="critical")
+        return out
+    out = run(epp, go)
+    assert out["quiet while saturated"], "a sheddable request got an answer while the pool was saturated"
+    assert out["admitted reply"] == "request_headers" and out["admitted dest"] in [b.address for b in backends], out
+    assert 0.5 <= out["admitted after"] < 5, out
+    ir = out["timeout reply"].immediate_response
+    assert ir.status.code == 429 and ir.details == "epp_queue_timeout", ir
+    assert json.loads(ir.body)["error"]["type"] == "too_many_requests"
+    assert 1.4 <= out["timed out after"] < 4, out
+    ir = out["third reply"].immediate_response
+    assert ir.status.code == 429 and ir.details == "epp_pool_saturated", ir
+    assert out["third after"] < 1.0, out
+    assert out["fourth waits"], "the place of a cancelled waiter was not given back"
+    assert out["later admitted"] == ["request_headers", "request_headers"], out
+    assert out["buffered headers reply"] == "request_headers" and out["buffered quiet"] and out["buffered routed"], out
+    assert out["critical"].dest in [b.address for b in backends], out["critical"]
+    assert epp.poll() is None, epp.tail()
+
+
 # -- LoRA affinity ----------------------------------------------------------------------------------------------
 
 def settled_scrapes(backends, n=2, timeout=SETTLE):
@@ -641,6 +738,8 @@ def test_prefix_blocks_are_awaited_then_the_body_streams(lb_epp, backends):
     (["--prefix-cache-block-bytes", "60"], "--prefix-cache-block-bytes must be a positive multiple of 8"),
     (["--prefix-cache-max-blocks", "0"], "--prefix-cache-max-blocks must be 1-4096"),
     (["--prefix-cache-capacity", "0"], "--prefix-cache-capacity must be positive"),
+    (["--sheddable-queue-timeout=-1"], "--sheddable-queue-timeout must be 0"),
+    (["--sheddable-queue-capacity", "0"], "--sheddable-queue-capacity must be positive"),
 ])
 def test_bad_load_flags_stop_the_epp_with_a_clear_message(flags, message):
     import subprocess
