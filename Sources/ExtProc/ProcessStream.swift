@@ -46,6 +46,8 @@ final class ProcessStream: GRPCStreamHandler {
     /// since when, and the next re-check.
     private var queuedSince: NIODeadline?
     private var admissionCheck: Scheduled<Void>?
+    /// Request trailers that came while waiting: answered after the routing and the held body.
+    private var requestTrailersPending = false
 
     // Routing outcome
     private var clientModel: String?
@@ -241,7 +243,8 @@ final class ProcessStream: GRPCStreamHandler {
     private func routeAndFlushHeld(_ stream: GRPCServerStream) {
         routeAndReplyHeaders(stream)
         guard routed, !done else { return }
-        flushHeld(endOfStream: requestBodyEnded, stream)
+        // Trailers that came while waiting ended the body themselves: its last piece is no end.
+        if !held.isEmpty { flushHeld(endOfStream: requestBodyEnded && !requestTrailersPending, stream) }
     }
 
     /// STREAMED: routed on headers already; each chunk gets one reply replacing it. Bytes before the
@@ -337,14 +340,19 @@ final class ProcessStream: GRPCStreamHandler {
                 return fail(.badRequest("invalid JSON body: \(error)", details: "epp_invalid_json"), stream)
             }
             if bodyBytes > 0, let error = finalValidation() { return fail(error, stream) }
-            if !routed {
+            if !routed && queuedSince == nil {
                 routeAndReplyHeaders(stream)
                 guard !done else { return }
-                if !held.isEmpty { flushHeld(endOfStream: false, stream) }
+                if routed && !held.isEmpty { flushHeld(endOfStream: false, stream) }
             }
-        } else if !headersReplied {
+        } else if !headersReplied && queuedSince == nil {
             routeAndReplyHeaders(stream)
             guard !done else { return }
+        }
+        if queuedSince != nil {
+            // Waiting for admission: the reply follows the routing and the held body.
+            requestTrailersPending = true
+            return
         }
         stream.send(Replies.trailers(request: true))
     }
@@ -738,6 +746,10 @@ final class ProcessStream: GRPCStreamHandler {
             routeAndFlushHeld(stream)
         } else {
             routeBuffered(stream)
+        }
+        if requestTrailersPending && routed && !done {
+            requestTrailersPending = false
+            stream.send(Replies.trailers(request: true))
         }
     }
 

@@ -32,8 +32,8 @@ import grpc
 import pytest
 
 import stack
-from extproc_lib import BUFFERED, Stream, destination, joined_request_body, kind, req_body, req_headers, resp_body, \
-    resp_headers, streamed_body, top_model
+from extproc_lib import BUFFERED, Stream, destination, joined_request_body, kind, req_body, req_headers, \
+    req_trailers, resp_body, resp_headers, streamed_body, top_model
 
 POOL = "vllm-pool"
 OBJECTIVE_HEADER = "x-gateway-inference-objective"
@@ -538,6 +538,24 @@ def test_sheddable_requests_wait_for_room(epp_factory, backends):
         r = await s.recv_pending(timeout=5)
         out["buffered routed"] = kind(r) == "request_body" and destination(r)[0] in [b.address for b in backends]
         s.call.cancel()
+        # Request trailers while waiting (the body ends with them): answered after the routing and the body.
+        for x in backends:
+            set_load(x, waiting=10)
+        await settled(epp, 10.0, 0.0)
+        s = Stream(ch)
+        body = json.dumps({"model": "opt-stable", "prompt": "queued with trailers"}).encode()
+        await s.send(req_headers(headers={OBJECTIVE_HEADER: "batch"}), req_body(body[:20]), req_body(body[20:]),
+                     req_trailers())
+        out["trailers quiet"] = await s.no_reply_within(0.5)
+        for x in backends:
+            set_load(x)
+        replies = [await s.recv_pending(timeout=5)]
+        while kind(replies[-1]) != "request_trailers":
+            replies.append(await s.recv(timeout=5))
+        out["trailers replies"] = [kind(r) for r in replies]
+        out["trailers body"] = joined_request_body(replies)
+        out["trailers body eos"] = [streamed_body(r)[1] for r in replies if kind(r) == "request_body"]
+        s.call.cancel()
         # Critical requests never wait.
         for x in backends:
             set_load(x, waiting=10)
@@ -558,6 +576,11 @@ def test_sheddable_requests_wait_for_room(epp_factory, backends):
     assert out["fourth waits"], "the place of a cancelled waiter was not given back"
     assert out["later admitted"] == ["request_headers", "request_headers"], out
     assert out["buffered headers reply"] == "request_headers" and out["buffered quiet"] and out["buffered routed"], out
+    assert out["trailers quiet"], out
+    assert out["trailers replies"][0] == "request_headers" and out["trailers replies"][-1] == "request_trailers", out
+    assert set(out["trailers replies"][1:-1]) == {"request_body"}, out
+    assert top_model(out["trailers body"]) in ("facebook/opt-125m", "facebook/opt-125m-canary"), out["trailers body"]
+    assert not any(out["trailers body eos"]), "the trailers end the body, not a body reply"
     assert out["critical"].dest in [b.address for b in backends], out["critical"]
     assert epp.poll() is None, epp.tail()
 
