@@ -551,6 +551,57 @@ def test_load_aware_picking_and_shedding_through_envoy(gateway_factory, backends
         set_load(b)
 
 
+def test_sheddable_request_waits_for_room_through_envoy(gateway_factory, backends):
+    """With --sheddable-queue-timeout, a sheddable request that meets a saturated pool is held by the picker (Envoy
+    keeps the client waiting, FULL_DUPLEX_STREAMED has no message timeout) and reaches a backend once the load
+    drops; with the pool still full at the timeout the client gets the picker's 429."""
+    gw = gateway_factory(name="queue", rules=stack.SEED_RULE + OBJECTIVES, extra=["--sheddable-queue-timeout", "2"])
+    a, b = backends
+
+    def set_loads(**load):
+        for x in backends:
+            stack.http_post(f"http://{x.address}/fake/load", load)
+
+    def avg_queue():
+        with urllib.request.urlopen(f"http://127.0.0.1:{gw.epp.metrics_port}/metrics", timeout=5) as r:
+            for line in r.read().decode().splitlines():
+                if line.startswith("inference_pool_average_queue_size{"):
+                    return float(line.rsplit(" ", 1)[1])
+
+    def wait_avg_queue(want):
+        deadline = time.monotonic() + 10
+        while avg_queue() != want:
+            assert time.monotonic() < deadline, f"picker's average queue {avg_queue()}, want {want}"
+            time.sleep(0.05)
+
+    batch = {"x-gateway-inference-objective": "batch"}
+    try:
+        set_loads(waiting=10, kv=0.9)
+        wait_avg_queue(10.0)
+        with ThreadPoolExecutor(1) as pool:
+            t0 = time.monotonic()
+            held = pool.submit(request, gw.port, "POST", "/v1/completions", completion(prompt="queued"), batch)
+            time.sleep(1.0)
+            assert not held.done(), f"answered while the pool was saturated: {held.result().status}"
+            set_loads()
+            r = held.result(timeout=10)
+            waited = time.monotonic() - t0
+        assert r.status == 200, r.body[:300]
+        assert json.loads(r.body)["model"] == "opt-stable"
+        assert r.headers["x-fake-backend"] in (a.address, b.address)
+        assert waited >= 1.0
+        # Still full when the timeout comes: 429 from the picker, through Envoy.
+        set_loads(waiting=10, kv=0.9)
+        wait_avg_queue(10.0)
+        t0 = time.monotonic()
+        r = request(gw.port, "POST", "/v1/completions", completion(prompt="times out"), headers=batch)
+        assert r.status == 429, (r.status, r.body[:300])
+        assert 1.8 <= time.monotonic() - t0 < 6
+        assert json.loads(r.body)["error"]["type"] == "too_many_requests"
+    finally:
+        set_loads()
+
+
 def test_prefix_affinity_through_envoy(seed_gateway):
     """Requests sharing a long prompt prefix land on one backend (its KV cache has the prefix), while
     different prefixes still use both backends; the fake backends report equal, idle load."""
