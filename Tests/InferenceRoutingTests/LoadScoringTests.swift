@@ -38,31 +38,31 @@ final class LoadScoringTests: XCTestCase {
         XCTAssertEqual(LoRAAdapters(running: [], waiting: [], maxAdapters: 0).affinity(for: "x"), 0)
     }
 
+    /// A sample of a server of `baseModel` with these adapters running (queue 1, KV 0.3 unless given).
+    private func sample(_ r: EndpointRecord, running: [String], maxAdapters: Int, waiting: Int = 1, kv: Double = 0.3) {
+        r.record(waiting: waiting, running: 2, kvCacheUsage: kv,
+                 lora: LoRAAdapters(running: running, waiting: [], maxAdapters: maxAdapters), servedModels: [baseModel], at: t0)
+    }
+    private let baseModel = "meta-llama/Llama-3.1-8B-Instruct"
+
     func testAdapterRequestsGoWhereTheAdapterRuns() throws {
         let set = try pool(3)
-        let base = ["meta-llama/Llama-3.1-8B-Instruct"]
-        set.records[0].record(waiting: 1, running: 2, kvCacheUsage: 0.3,
-                              lora: LoRAAdapters(running: ["other"], waiting: [], maxAdapters: 1), servedModels: base, at: t0)
-        set.records[1].record(waiting: 1, running: 2, kvCacheUsage: 0.3,
-                              lora: LoRAAdapters(running: ["sql-lora"], waiting: [], maxAdapters: 1), servedModels: base, at: t0)
-        set.records[2].record(waiting: 1, running: 2, kvCacheUsage: 0.3,
-                              lora: LoRAAdapters(running: [], waiting: [], maxAdapters: 1), servedModels: base, at: t0)
+        sample(set.records[0], running: ["other"], maxAdapters: 1)
+        sample(set.records[1], running: ["sql-lora"], maxAdapters: 1)
+        sample(set.records[2], running: [], maxAdapters: 1)
         // Equal load: the adapter's home (1.0) beats a free slot (0.8) beats a full server (0).
         XCTAssertEqual(counts(set, model: "sql-lora", now: t0 + 1), ["10.0.0.2:80": 2000])
         XCTAssertEqual(counts(set, model: "tweet-summary", now: t0 + 1), ["10.0.0.3:80": 2000])
         // Load still counts: the adapter's home with a long queue loses to a free slot.
-        set.records[1].record(waiting: 9, running: 2, kvCacheUsage: 0.9,
-                              lora: LoRAAdapters(running: ["sql-lora"], waiting: [], maxAdapters: 1), servedModels: base, at: t0)
+        sample(set.records[1], running: ["sql-lora"], maxAdapters: 1, waiting: 9, kv: 0.9)
         XCTAssertEqual(counts(set, model: "sql-lora", now: t0 + 1), ["10.0.0.3:80": 2000])
     }
 
     func testBaseModelRequestsAndServersWithoutLoRAIgnoreAdapters() throws {
         let set = try pool(2)
-        let base = ["meta-llama/Llama-3.1-8B-Instruct"]
-        set.records[0].record(waiting: 1, running: 2, kvCacheUsage: 0.3,
-                              lora: LoRAAdapters(running: ["a"], waiting: [], maxAdapters: 1), servedModels: base, at: t0)
-        set.records[1].record(waiting: 1, running: 2, kvCacheUsage: 0.3,
-                              lora: LoRAAdapters(running: [], waiting: [], maxAdapters: 4), servedModels: base, at: t0)
+        let base = [baseModel]
+        sample(set.records[0], running: ["a"], maxAdapters: 1)
+        sample(set.records[1], running: [], maxAdapters: 4)
         // The base model is not an adapter: free slots do not matter, both share the load.
         let c = counts(set, model: base[0], now: t0 + 1)
         XCTAssertEqual(c.count, 2)
