@@ -71,6 +71,7 @@ let package = Package(
             "GRPCServer", "Protos", "StreamingJSON", "InferenceRouting",
             .product(name: "Atomics", package: "swift-atomics"),
             .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
             .product(name: "Logging", package: "swift-log"),
             .product(name: "SwiftProtobuf", package: "swift-protobuf"),
         ], swiftSettings: hotPath),
@@ -133,6 +134,7 @@ let package = Package(
         .testTarget(name: "ExtProcTests", dependencies: [
             "ExtProc", "Protos", "InferenceRouting", "StreamingJSON",
             .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
             .product(name: "SwiftProtobuf", package: "swift-protobuf"),
         ]),
         .testTarget(name: "EPPMetricsTests", dependencies: [

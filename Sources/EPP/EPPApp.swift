@@ -53,6 +53,10 @@ final class EPPApp: Sendable {
         if !options.loraAffinityScoring { extProc.loadPolicy.loraWeight = 0 }
         extProc.admissionQueue = try makeAdmissionQueue(options, scraping: scraper != nil)
         if scraper != nil { try configurePrefixCache(options, &extProc) }
+        if let index = extProc.prefixCache {
+            // Pods that leave the pool free their bit in the index for the ones that come.
+            source.state.onEndpointsChange { index.retain($0) }
+        }
         // No metrics listener → nothing recorded on the request path either.
         let metrics = options.metricsPort > 0
             ? InferenceMetrics(poolName: options.poolName, state: source.state, loadPolicy: extProc.loadPolicy) : nil

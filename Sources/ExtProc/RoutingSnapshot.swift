@@ -1,5 +1,6 @@
 import Atomics
 import InferenceRouting
+import NIOConcurrencyHelpers
 
 /// Everything a request needs to be routed, frozen: rules, objectives, endpoints.
 ///
@@ -23,6 +24,7 @@ public final class RoutingSnapshot: AtomicReference, Sendable {
 /// The current snapshot, replaced as a whole.
 public final class RoutingState: Sendable {
     private let current: ManagedAtomic<RoutingSnapshot>
+    private let endpointObservers = NIOLockedValueBox<[@Sendable (EndpointSet) -> Void]>([])
 
     public init(_ initial: RoutingSnapshot) {
         current = ManagedAtomic(initial)
@@ -31,8 +33,17 @@ public final class RoutingState: Sendable {
     /// The snapshot in force now (lock-free).
     public var snapshot: RoutingSnapshot { current.load(ordering: .acquiring) }
 
-    /// Replaces the snapshot; requests that already started keep theirs.
+    /// Replaces the snapshot; requests that already started keep theirs. Observers of the endpoints
+    /// run here, on the publisher's thread, when the endpoint set is a new one.
     public func publish(_ snapshot: RoutingSnapshot) {
-        current.store(snapshot, ordering: .releasing)
+        let old = current.exchange(snapshot, ordering: .acquiringAndReleasing)
+        guard old.endpoints !== snapshot.endpoints else { return }
+        for observer in endpointObservers.withLockedValue({ $0 }) { observer(snapshot.endpoints) }
+    }
+
+    /// Calls `observer` with every new endpoint set published from now on (e.g. to forget
+    /// per-endpoint state of pods that left the pool).
+    public func onEndpointsChange(_ observer: @escaping @Sendable (EndpointSet) -> Void) {
+        endpointObservers.withLockedValue { $0.append(observer) }
     }
 }

@@ -94,7 +94,7 @@ public final class EndpointRecord: Sendable {
     public let endpoint: Endpoint
     private let inFlight: ManagedAtomic<Int>
     private let loadSample: ManagedAtomic<EndpointLoad?>
-    /// Prefix-cache index slot: `epoch << 6 | slot`, -1 before the first prefix was recorded.
+    /// Prefix-cache index bit (0..<64), -1 before the first prefix was recorded.
     private let prefixSlotToken: ManagedAtomic<Int>
 
     public init(endpoint: Endpoint) {
@@ -113,15 +113,12 @@ public final class EndpointRecord: Sendable {
         self.prefixSlotToken = other.prefixSlotToken
     }
 
-    func setPrefixSlot(_ slot: Int, epoch: Int) {
-        prefixSlotToken.store(epoch << 6 | slot, ordering: .relaxed)
+    func setPrefixSlot(_ slot: Int) {
+        prefixSlotToken.store(slot, ordering: .relaxed)
     }
 
     @inline(__always)
-    func prefixSlot(epoch: Int) -> Int {
-        let t = prefixSlotToken.load(ordering: .relaxed)
-        return t >= 0 && t >> 6 == epoch ? t & 63 : -1
-    }
+    var prefixSlot: Int { prefixSlotToken.load(ordering: .relaxed) }
 
     /// Call when a request is sent to this endpoint.
     @inline(__always) public func begin() { inFlight.wrappingIncrement(ordering: .relaxed) }

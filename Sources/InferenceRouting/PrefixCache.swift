@@ -1,4 +1,3 @@
-import Atomics
 import NIOConcurrencyHelpers
 
 /// Approximate prefix-cache affinity, as the reference EPP's prefix scorer: the prompt is cut into
@@ -39,18 +38,35 @@ public struct PrefixHashes: Sendable {
 
 /// Which endpoints were sent which prefix blocks. Bounded memory: two generations of at most
 /// `capacity` blocks each; when the current one fills it becomes the previous one and the oldest is
-/// dropped, so blocks not seen for a while are forgotten (an LRU by generations). Up to 64
-/// endpoints are tracked at once (one bit each); a 65th distinct endpoint starts the index afresh.
+/// dropped, so blocks not seen for a while are forgotten (an LRU by generations).
+///
+/// Each endpoint owns one of 64 bits. Up to 64 live endpoints every endpoint has a bit of its own
+/// (exact); beyond that, newcomers share the least-shared bit, so in a pool of 100 an endpoint may
+/// be credited with the blocks of the one it shares with (the load scorers then choose between
+/// them) — affinity degrades gradually instead of being lost. `retain(_:)` frees the bits of
+/// endpoints that left the pool and clears them from the index, so a new pod never inherits a gone
+/// pod's blocks.
 public final class PrefixCacheIndex: Sendable {
     private struct State {
         var current: [UInt64: UInt64] = [:]
         var previous: [UInt64: UInt64] = [:]
+        /// Endpoint address → its bit.
         var slots: [String: Int] = [:]
+        /// Addresses holding each bit.
+        var sharers = [Int](repeating: 0, count: 64)
+
+        /// The bit for `address`, assigning the least-shared one (lowest first) to a newcomer.
+        mutating func slot(for address: String) -> Int {
+            if let known = slots[address] { return known }
+            var best = 0
+            for i in 1..<64 where sharers[i] < sharers[best] { best = i }
+            sharers[best] += 1
+            slots[address] = best
+            return best
+        }
     }
 
     private let state = NIOLockedValueBox(State())
-    /// Bumped when the index starts afresh; a record's slot is only valid in its epoch.
-    private let epoch = ManagedAtomic(0)
     public let capacity: Int
 
     public init(capacity: Int = 131_072) {
@@ -79,17 +95,7 @@ public final class PrefixCacheIndex: Sendable {
         let address = record.endpoint.address
         let capacity = self.capacity
         let slot: Int = state.withLockedValue { s in
-            let slot: Int
-            if let known = s.slots[address] {
-                slot = known
-            } else {
-                if s.slots.count == 64 {  // endpoints churned past 64: start afresh
-                    s = State()
-                    epoch.wrappingIncrement(ordering: .releasing)
-                }
-                slot = s.slots.count
-                s.slots[address] = slot
-            }
+            let slot = s.slot(for: address)
             let bit: UInt64 = 1 << UInt64(slot)
             for h in prefix.hashes {
                 if let m = s.current[h] {
@@ -105,17 +111,40 @@ public final class PrefixCacheIndex: Sendable {
             }
             return slot
         }
-        record.setPrefixSlot(slot, epoch: epoch.load(ordering: .acquiring))
+        record.setPrefixSlot(slot)
     }
 
-    /// The bit of `record` in the masks, or -1 when it has none in the current epoch.
+    /// Keeps only the endpoints of `endpoints`: the bits of the others are freed and cleared from
+    /// the index. Call when the pool changes (off the request path: it walks the whole index when a
+    /// bit is freed).
+    public func retain(_ endpoints: EndpointSet) {
+        var live = Set<String>(minimumCapacity: endpoints.count)
+        for r in endpoints.records { live.insert(r.endpoint.address) }
+        state.withLockedValue { s in
+            var freed: UInt64 = 0
+            for (address, slot) in s.slots where !live.contains(address) {
+                s.slots[address] = nil
+                s.sharers[slot] -= 1
+                if s.sharers[slot] == 0 { freed |= 1 << UInt64(slot) }
+            }
+            guard freed != 0 else { return }
+            let keep = ~freed
+            s.current = s.current.compactMapValues { m in m & keep == 0 ? nil : m & keep }
+            s.previous = s.previous.compactMapValues { m in m & keep == 0 ? nil : m & keep }
+        }
+    }
+
+    /// The bit of `record` in the masks, or -1 when it has none yet.
     @inline(__always)
     public func slot(of record: EndpointRecord) -> Int {
-        record.prefixSlot(epoch: epoch.load(ordering: .relaxed))
+        record.prefixSlot
     }
 
     /// Number of blocks in the index (both generations, shared blocks counted twice).
     public var count: Int { state.withLockedValue { $0.current.count + $0.previous.count } }
+
+    /// Endpoints holding a bit (those recorded and not dropped by `retain`).
+    public var trackedEndpoints: Int { state.withLockedValue { $0.slots.count } }
 }
 
 extension Array where Element == UInt64 {
