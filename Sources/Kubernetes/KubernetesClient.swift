@@ -5,9 +5,11 @@ import NIOHTTP1
 import NIOPosix
 
 /// A minimal Kubernetes API client: HTTP/1.1 (NIOHTTP1's client codec) over NIOPosix, TLS via the
-/// project's OpenSSL handler. Every request uses a fresh connection (watches are long-lived anyway), so
-/// a rotated service-account token and CA are picked up on the next request. Responses are streamed:
-/// `watch` hands over one decoded event per line as chunks arrive; only a partial line is ever buffered.
+/// project's OpenSSL handler. Whole-response requests (`send`: lists, gets, lease renewals, status
+/// patches) reuse keep-alive connections younger than five minutes; a watch gets a connection of its
+/// own. The service-account token is re-read for every request and a new connection reads the CA
+/// again, so rotations are picked up. Watch responses are streamed: `watch` hands over one decoded
+/// event per line as chunks arrive; only a partial line is ever buffered.
 public final class KubernetesClient: Sendable {
     public let config: ClusterConfig
     let group: any EventLoopGroup
@@ -15,6 +17,7 @@ public final class KubernetesClient: Sendable {
     /// Connect timeout per connection.
     public let connectTimeout: TimeAmount
     let userAgent = "swift-epp/1.0"
+    let connections = KeepAliveConnections()
 
     public init(config: ClusterConfig, eventLoopGroup: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton,
                 connectTimeout: TimeAmount = .seconds(5), logger: Logger) {
@@ -72,17 +75,80 @@ public final class KubernetesClient: Sendable {
         }
     }
 
-    /// Sends a request and reads the whole response (bounded by `maxBodyBytes` and `timeout`).
+    /// Sends a request and reads the whole response (bounded by `maxBodyBytes` and `timeout`), on an
+    /// idle keep-alive connection when there is one. A reused connection that closes before any of
+    /// the answer arrived (the server dropped it as idle just then) is retried once on a new one,
+    /// except for POST, which might have been executed.
     public func send(_ request: Request, timeout: TimeAmount = .seconds(30), maxBodyBytes: Int = 64 << 20) async throws -> Response {
-        try await stream(request, timeout: timeout) { head, body in
-            var bytes: [UInt8] = []
-            while let chunk = try await body.next() {
-                guard bytes.count + chunk.readableBytes <= maxBodyBytes else {
-                    throw KubernetesError.decoding("response body of \(request.path) exceeds \(maxBodyBytes) bytes")
-                }
-                bytes.append(contentsOf: chunk.readableBytesView)
+        var head = HTTPRequestHead(version: .http1_1, method: request.method, uri: request.uri)
+        head.headers = try makeHeaders(request, keepAlive: true)
+        if let reused = connections.take() {
+            do {
+                return try await exchange(on: reused, head: head, request: request, timeout: timeout, maxBodyBytes: maxBodyBytes)
+            } catch ExchangeFailure.closedBeforeResponse where request.method != .POST && !Task.isCancelled {
+                logger.debug("kept-alive connection closed before answering; retrying on a new one", metadata: ["path": "\(request.path)"])
+            } catch let failure as ExchangeFailure {
+                throw mapped(failure, request.path)
             }
-            return Response(status: head.status, headers: head.headers, body: bytes)
+        }
+        let fresh = try await connect()
+        do {
+            return try await exchange(on: fresh, head: head, request: request, timeout: timeout, maxBodyBytes: maxBodyBytes)
+        } catch let failure as ExchangeFailure {
+            throw mapped(failure, request.path)
+        }
+    }
+
+    private func exchange(on connection: KeepAliveConnection, head: HTTPRequestHead, request: Request, timeout: TimeAmount,
+                          maxBodyBytes: Int) async throws -> Response {
+        let future = connection.exchange(head: head, body: request.body, maxBodyBytes: maxBodyBytes, timeout: timeout)
+        let collected: CollectedResponse
+        do {
+            collected = try await withTaskCancellationHandler {
+                try await future.get()
+            } onCancel: {
+                connection.close()
+            }
+        } catch {
+            connection.close()
+            if Task.isCancelled { throw CancellationError() }
+            throw error
+        }
+        if collected.keepAlive { connections.put(connection) } else { connection.close() }
+        return Response(status: collected.head.status, headers: collected.head.headers, body: collected.body)
+    }
+
+    private func mapped(_ failure: ExchangeFailure, _ path: String) -> KubernetesError {
+        switch failure {
+        case .closedBeforeResponse: return .connectionClosed("\(path): no response")
+        case .closedDuringResponse: return .connectionClosed("\(path): response ended early")
+        case .timedOut(let t): return .connectionClosed("\(path): no complete response within \(Double(t.nanoseconds) / 1e9) s")
+        case .bodyTooLarge(let limit): return .decoding("response body of \(path) exceeds \(limit) bytes")
+        case .transport(let error): return .connectionClosed("\(path): \(error)")
+        }
+    }
+
+    /// A new keep-alive connection for `send`.
+    private func connect() async throws -> KeepAliveConnection {
+        let makeTLS = try tlsHandlerFactory(config: config)
+        do {
+            return try await ClientBootstrap(group: group)
+                .connectTimeout(connectTimeout)
+                .channelOption(.socketOption(.so_keepalive), value: 1)
+                .channelOption(.tcpOption(.tcp_nodelay), value: 1)
+                .connect(host: config.host, port: config.port) { channel in
+                    channel.eventLoop.makeCompletedFuture {
+                        if let makeTLS {
+                            try channel.pipeline.syncOperations.addHandler(makeTLS())
+                        }
+                        try channel.pipeline.syncOperations.addHTTPClientHandlers()
+                        let collector = ResponseCollector()
+                        try channel.pipeline.syncOperations.addHandler(collector)
+                        return KeepAliveConnection(channel: channel, collector: collector)
+                    }
+                }
+        } catch {
+            throw KubernetesError.connectionClosed("cannot connect to \(config.serverURL): \(error)")
         }
     }
 
@@ -134,7 +200,7 @@ public final class KubernetesClient: Sendable {
         // Everything that can fail comes before the connection exists: once the NIOAsyncChannel is made it
         // must go through executeThenClose (a dropped NIOAsyncChannel traps in NIO).
         let makeTLS = try tlsHandlerFactory(config: config)
-        let headers = try makeHeaders(request)
+        let headers = try makeHeaders(request, keepAlive: false)
         let channel: NIOAsyncChannel<HTTPClientResponsePart, HTTPClientRequestPart>
         do {
             channel = try await ClientBootstrap(group: group)
@@ -204,7 +270,7 @@ public final class KubernetesClient: Sendable {
         }
     }
 
-    private func makeHeaders(_ request: Request) throws -> HTTPHeaders {
+    private func makeHeaders(_ request: Request, keepAlive: Bool) throws -> HTTPHeaders {
         var headers = HTTPHeaders()
         let defaultPort = config.usesTLS ? 443 : 80
         let hostHeader = (config.host.contains(":") ? "[\(config.host)]" : config.host)
@@ -212,7 +278,7 @@ public final class KubernetesClient: Sendable {
         headers.add(name: "Host", value: hostHeader)
         headers.add(name: "User-Agent", value: userAgent)
         headers.add(name: "Accept", value: "application/json")
-        headers.add(name: "Connection", value: "close")
+        if !keepAlive { headers.add(name: "Connection", value: "close") }
         if let token = try currentToken() {
             headers.add(name: "Authorization", value: "Bearer \(token)")
         }
@@ -225,7 +291,7 @@ public final class KubernetesClient: Sendable {
         return headers
     }
 
-    /// The bearer token, re-read from its file for every connection.
+    /// The bearer token, re-read from its file for every request.
     func currentToken() throws -> String? {
         switch config.credentials {
         case .none: return nil

@@ -167,6 +167,7 @@ class State:
         self.watch_starts: list[dict] = []
         self.continue_snapshots: dict[str, tuple[int, list]] = {}
         self.open_watches = 0
+        self.connections = 0  # TCP connections accepted (clients should reuse keep-alive ones)
 
     def collection(self, group, plural) -> Collection:
         key = (group, plural)
@@ -298,6 +299,9 @@ PATH_RE = re.compile(
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "fake-kube-apiserver/1.0"
+    # As Go's net/http (kube-apiserver): TCP_NODELAY, so a kept-alive connection's header and body
+    # writes are not held back by Nagle waiting for the client's delayed ACK.
+    disable_nagle_algorithm = True
 
     def log_message(self, fmt, *args):  # quiet unless asked
         if self.server.verbose:
@@ -306,6 +310,11 @@ class Handler(BaseHTTPRequestHandler):
     @property
     def st(self) -> State:
         return self.server.state
+
+    def setup(self):
+        super().setup()
+        with self.st.lock:
+            self.st.connections += 1
 
     # --- plumbing ---
     def send_json(self, code, obj, extra_headers=None):
@@ -385,6 +394,10 @@ class Handler(BaseHTTPRequestHandler):
                 self.read_body()
                 return self.send_json(401, status_obj(401, "Unauthorized", "Unauthorized"))
             code = self.injected_fault(url.path)
+            if code == -1:  # close the connection unanswered, as a server dropping an idle keep-alive one
+                self.read_body()
+                self.close_connection = True
+                return
             if code:
                 self.read_body()
                 reason = {401: "Unauthorized", 403: "Forbidden", 404: "NotFound", 410: "Gone",
@@ -665,7 +678,7 @@ class Handler(BaseHTTPRequestHandler):
             if op == "compact":
                 st.compact()
                 return self.send_json(200, {"compactedAt": str(st.rv)})
-            if op == "fault":  # {match, code, count (-1 = until cleared), method?, watch?}
+            if op == "fault":  # {match, code (-1: close unanswered), count (-1 = until cleared), method?, watch?}
                 st.faults.append({"match": body.get("match", ".*"), "code": int(body["code"]),
                                   "count": int(body.get("count", -1)), "method": body.get("method"),
                                   "watch": body.get("watch")})
@@ -686,6 +699,7 @@ class Handler(BaseHTTPRequestHandler):
                 return self.send_json(200, {})
             if op == "stats":
                 return self.send_json(200, {"statusPatches": st.status_patches, "requests": st.requests,
+                                            "connections": st.connections,
                                             "watchStarts": st.watch_starts[-200:], "openWatches": st.open_watches,
                                             "resourceVersion": str(st.rv)})
             if op == "reset-stats":

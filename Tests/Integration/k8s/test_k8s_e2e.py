@@ -420,3 +420,21 @@ def test_two_replicas_only_the_leader_writes_status(cluster, epp_k8s):
     print(f"takeover after {time.monotonic() - t0:.2f} s")
     c.rewrite("third", "m3", [("facebook/opt-125m", 1)])
     wait_until(lambda: c.status_patches("third") == 1, what="new leader writes")
+
+
+def test_lease_renewals_reuse_one_connection(cluster, epp_k8s):
+    """The leader renews its lease every 2 s (GET + PUT); those requests ride a kept-alive connection
+    instead of a new TCP (in production TLS) connection each."""
+    c = cluster
+    c.pool()
+    c.pod("a", "127.0.0.92")
+    e = epp_k8s(name="epp-keepalive")
+    wait_until(lambda: readiness(e.channel("health")) == health_pb2.HealthCheckResponse.SERVING, what="ready")
+    wait_until(lambda: "became leader" in e.logs(), what="leader")
+    with c.st.lock:
+        conns0, gets0, puts0 = c.st.connections, c.st.requests.get("get", 0), c.st.requests.get("PUT", 0)
+    time.sleep(4.5)
+    with c.st.lock:
+        conns1, gets1, puts1 = c.st.connections, c.st.requests.get("get", 0), c.st.requests.get("PUT", 0)
+    assert gets1 - gets0 >= 2 and puts1 - puts0 >= 2, f"renewals: {gets1 - gets0} GET, {puts1 - puts0} PUT"
+    assert conns1 - conns0 <= 1, f"{conns1 - conns0} new connections for {gets1 - gets0 + puts1 - puts0} requests"
