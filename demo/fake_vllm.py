@@ -7,7 +7,8 @@ hashed as it streams in and only a bounded prefix/suffix is kept when it is larg
 
 Endpoints
   POST /v1/completions, /v1/chat/completions, /v1/embeddings   JSON, or SSE with "stream": true
-  GET  /v1/models, /health, /metrics (vLLM metric names)
+  GET  /v1/models, /health, /metrics (vLLM metric names; --metrics-flavor sglang or trtllm serves the same
+                      knobs under SGLang's or Triton TensorRT-LLM's names instead)
   GET  /fake/stats    counters: requests per model received, incomplete uploads, /metrics scrapes, ...
   POST /fake/reset    clears the counters (not the load knobs)
   GET  /fake/last     the last few request records
@@ -244,6 +245,7 @@ class Server:
         self.name = args.name
         self.models = [m for m in args.models.split(",") if m]
         self.default_delay = args.chunk_delay_ms
+        self.flavor = args.metrics_flavor
 
     async def handle(self, reader, writer):
         try:
@@ -410,6 +412,26 @@ class Server:
         kv = f"{min(1.0, RUNNING[0] / 100):.4f}" if LOAD["kv"] is None else repr(LOAD["kv"])
         waiting = LOAD["waiting"]
         models = ",".join(self.models)
+        model = self.models[0] if self.models else ""
+        if self.flavor == "sglang":
+            return (
+                "# TYPE sglang:num_running_reqs gauge\n"
+                f'sglang:num_running_reqs{{model_name="{model}"}} {running}\n'
+                "# TYPE sglang:num_queue_reqs gauge\n"
+                f'sglang:num_queue_reqs{{model_name="{model}"}} {waiting}\n'
+                "# TYPE sglang:token_usage gauge\n"
+                f'sglang:token_usage{{model_name="{model}"}} {kv}\n'
+                "# TYPE sglang:gen_throughput gauge\n"
+                f'sglang:gen_throughput{{model_name="{model}"}} 42.0\n')
+        if self.flavor == "trtllm":  # Triton's TensorRT-LLM backend: one family, told apart by labels
+            return (
+                "# TYPE nv_trt_llm_request_metrics gauge\n"
+                f'nv_trt_llm_request_metrics{{model="ensemble",request_type="waiting",version="1"}} {waiting}\n'
+                f'nv_trt_llm_request_metrics{{model="ensemble",request_type="scheduled",version="1"}} {running}\n'
+                'nv_trt_llm_request_metrics{model="ensemble",request_type="max",version="1"} 512\n'
+                "# TYPE nv_trt_llm_kv_cache_block_metrics gauge\n"
+                'nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type="max",model="ensemble",version="1"} 8192\n'
+                f'nv_trt_llm_kv_cache_block_metrics{{kv_cache_block_type="fraction",model="ensemble",version="1"}} {kv}\n')
         return (
             "# HELP vllm:num_requests_running Number of requests currently running on GPU.\n"
             "# TYPE vllm:num_requests_running gauge\n"
@@ -452,6 +474,7 @@ def main(argv=None):
     p.add_argument("--name", default=None)
     p.add_argument("--models", default="facebook/opt-125m,facebook/opt-125m-canary")
     p.add_argument("--chunk-delay-ms", type=float, default=20.0)
+    p.add_argument("--metrics-flavor", choices=("vllm", "sglang", "trtllm"), default="vllm")
     args = p.parse_args(argv)
     if args.name is None:
         args.name = f"{args.host}:{args.port}"

@@ -140,6 +140,7 @@ final class EPPApp: Sendable {
             throw ValidationFailure("--model-server-metrics-path must start with '/'")
         }
         var config = ModelServerScraper.Configuration()
+        config.names = try metricNames(options)
         config.path = options.modelServerMetricsPath
         config.port = options.modelServerMetricsPort
         config.interval = .nanoseconds(Int64(options.refreshMetricsInterval * 1e9))
@@ -147,6 +148,20 @@ final class EPPApp: Sendable {
         let scraper = ModelServerScraper(configuration: config, eventLoop: group.next(),
                                          endpoints: { state.snapshot.endpoints }, logger: logger)
         return (scraper, group)
+    }
+
+    /// The load metrics to read, from the reference's metric flags.
+    static func metricNames(_ options: EPPCommand) throws -> MetricNames {
+        func spec(_ flag: String, _ text: String) throws -> MetricSpec {
+            do { return try MetricSpec(parsing: text) } catch { throw ValidationFailure("--\(flag): \(error)") }
+        }
+        var names = MetricNames.vllm
+        names.queued = try spec("total-queued-requests-metric", options.totalQueuedRequestsMetric)
+        names.running = try spec("total-running-requests-metric", options.totalRunningRequestsMetric)
+        names.kvCache = try spec("kv-cache-usage-percentage-metric", options.kvCacheUsagePercentageMetric)
+        if names.kvCache != MetricNames.vllm.kvCache { names.kvCacheFallback = nil }
+        names.lora = options.loraInfoMetric.isEmpty ? nil : try spec("lora-info-metric", options.loraInfoMetric)
+        return names
     }
 
     private static func makeSource(_ options: EPPCommand, group: any EventLoopGroup, health: HealthStatusStore,

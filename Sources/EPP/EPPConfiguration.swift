@@ -33,6 +33,10 @@ public struct EPPCommand: AsyncParsableCommand {
     @Option(help: "Seconds after which a model server's last metrics no longer count (stale = unknown load).") var metricsStalenessThreshold: Double = 2
     @Option(help: "Path of the model servers' Prometheus metrics.") var modelServerMetricsPath = "/metrics"
     @Option(help: "Port of the model servers' metrics; 0: the endpoint's own port.") var modelServerMetricsPort = 0
+    @Option(help: "Metric of the requests waiting in a model server, name{label=\"value\",...} (SGLang: sglang:num_queue_reqs).") var totalQueuedRequestsMetric = "vllm:num_requests_waiting"
+    @Option(help: "Metric of the requests a model server is running (SGLang: sglang:num_running_reqs).") var totalRunningRequestsMetric = "vllm:num_requests_running"
+    @Option(help: "Metric of a model server's KV-cache utilisation, 0-1 (SGLang: sglang:token_usage); vLLM's older vllm:gpu_cache_usage_perc is read when the default is absent.") var kvCacheUsagePercentageMetric = "vllm:kv_cache_usage_perc"
+    @Option(help: "vLLM-style LoRA info metric (labels running_lora_adapters, waiting_lora_adapters, max_lora); empty: not read.") var loraInfoMetric = "vllm:lora_requests_info"
     @Option(help: "Prefix-cache affinity: prefer endpoints that were sent the same prompt prefix (weighed with the load).") var prefixCacheScoring = true
     @Option(help: "Prompt bytes per prefix block (~16 tokens).") var prefixCacheBlockBytes = 64
     @Option(help: "Leading prompt blocks hashed per request.") var prefixCacheMaxBlocks = 64

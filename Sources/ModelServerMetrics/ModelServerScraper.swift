@@ -15,6 +15,8 @@ import NIOPosix
 public final class ModelServerScraper: Sendable {
     public struct Configuration: Sendable {
         public var path = "/metrics"
+        /// Which series carry the load (vLLM's names by default).
+        public var names = MetricNames.vllm
         /// 0: the endpoint's own port (vLLM serves metrics beside the API).
         public var port = 0
         public var interval: TimeAmount = .milliseconds(50)
@@ -226,7 +228,9 @@ private final class ScrapeTarget {
             pendingSince = nil
             if !keepAlive { dropChannel() }
             guard status == 200 else { return failed("HTTP \(status)") }
-            guard let m = VLLMMetrics.parse(body.readableBytesView) else { return failed("no vLLM metrics in the response") }
+            guard let m = LoadMetrics.parse(body.readableBytesView, names: configuration.names) else {
+                return failed("no \(configuration.names.queued) or \(configuration.names.kvCache) in the response")
+            }
             record.record(waiting: m.waiting, running: m.running, kvCacheUsage: m.kvCacheUsage, lora: m.lora,
                           servedModels: m.servedModels)
             consecutiveFailures = 0

@@ -53,10 +53,10 @@ RULES = stack.SEED_RULE + "---\n" + objective("batch", -1) + "---\n" + objective
 
 # -- backends ---------------------------------------------------------------------------------------------------
 
-def start_backends(tmp_path_factory, hosts, label):
+def start_backends(tmp_path_factory, hosts, label, metrics_flavor=None):
     st = stack.Stack(tmp_path_factory.mktemp(label) / "logs")
     try:
-        procs = [st.fake_vllm(h, stack.free_port(h), name=f"{label}-{h}") for h in hosts]
+        procs = [st.fake_vllm(h, stack.free_port(h), name=f"{label}-{h}", metrics_flavor=metrics_flavor) for h in hosts]
     except Exception:
         st.stop()
         raise
@@ -644,6 +644,55 @@ def test_lora_affinity(epp_factory, tmp_path_factory):
         st.stop()
 
 
+# -- other model servers ----------------------------------------------------------------------------------------
+
+SGLANG_FLAGS = ["--total-queued-requests-metric", "sglang:num_queue_reqs",
+                "--total-running-requests-metric", "sglang:num_running_reqs",
+                "--kv-cache-usage-percentage-metric", "sglang:token_usage"]
+# Triton's TensorRT-LLM metrics share one family per kind, told apart by a label (bare or quoted values);
+# the family also holds a `max` series (512) that must not count as waiting.
+TRTLLM_FLAGS = ["--total-queued-requests-metric", "nv_trt_llm_request_metrics{request_type=waiting}",
+                "--total-running-requests-metric", 'nv_trt_llm_request_metrics{request_type="scheduled"}',
+                "--kv-cache-usage-percentage-metric", "nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type=fraction}",
+                "--lora-info-metric="]
+
+
+@pytest.mark.parametrize("flavor, flags", [("sglang", SGLANG_FLAGS), ("trtllm", TRTLLM_FLAGS)])
+def test_other_model_servers_through_the_metric_flags(epp_factory, tmp_path_factory, flavor, flags):
+    """The reference's metric flags point the scraper at another server's names (SGLang, TensorRT-LLM under
+    Triton): the pool gauges show exactly the loads the fakes serve under those names, and traffic follows the
+    load as with vLLM. With vLLM's names the same servers give no samples, and the EPP logs what it looked for."""
+    st, (a, b) = start_backends(tmp_path_factory, ["127.0.0.47", "127.0.0.48"], f"lb-{flavor}", metrics_flavor=flavor)
+    try:
+        epp = epp_factory(extra=flags, endpoints=[a.address, b.address], rules=RULES, name=f"epp-{flavor}")
+        set_load(a, waiting=0, kv=0.1)
+        set_load(b, waiting=8, kv=0.9)
+
+        async def go(ch):
+            await settled(epp, 4.0, 0.5)
+            await poll(ch, to(a.address), streak=3, what=f"routing to A ({a.address})")
+            first = await paced(ch, 20)
+            set_load(a, waiting=10, kv=0.95)
+            set_load(b, waiting=0, kv=0.0)
+            await settled(epp, 5.0, 0.475)
+            await poll(ch, to(b.address), streak=3, what=f"routing to B ({b.address}) after the flip")
+            second = await paced(ch, 20)
+            return first, second
+        first, second = run(epp, go)
+        assert_all_to(first, a.address, epp)
+        assert_all_to(second, b.address, epp)
+        epp.stop()
+
+        plain = epp_factory(endpoints=[a.address, b.address], rules=RULES, name=f"epp-{flavor}-vllm-names")
+        plain.wait_log("model server metrics unavailable", count=2)
+        assert "no vllm:num_requests_waiting or vllm:kv_cache_usage_perc in the response" in plain.log_text()
+        assert epp_gauge(plain, "inference_pool_average_queue_size", name=POOL) is None
+        dests = run(plain, lambda ch: paced(ch, 6))
+        assert all(is_routed(o) for o in dests), "without samples it still routes (fewest in flight)"
+    finally:
+        st.stop()
+
+
 # -- prefix-cache affinity ---------------------------------------------------------------------------------------
 
 # No rewrite rule matches this model: the seed rule's 90/10 split would give one prompt two target models,
@@ -763,6 +812,9 @@ def test_prefix_blocks_are_awaited_then_the_body_streams(lb_epp, backends):
     (["--prefix-cache-capacity", "0"], "--prefix-cache-capacity must be positive"),
     (["--sheddable-queue-timeout=-1"], "--sheddable-queue-timeout must be 0"),
     (["--sheddable-queue-capacity", "0"], "--sheddable-queue-capacity must be positive"),
+    (["--total-queued-requests-metric", "9lives"], "--total-queued-requests-metric: invalid metric selector '9lives'"),
+    (["--kv-cache-usage-percentage-metric", "kv{type=fraction"], "missing '}'"),
+    (["--total-running-requests-metric", 'r{a="x}'], "unterminated label value"),
 ])
 def test_bad_load_flags_stop_the_epp_with_a_clear_message(flags, message):
     import subprocess

@@ -1,7 +1,8 @@
 import InferenceRouting
 
-/// The load figures the picker reads from a vLLM server's Prometheus text exposition.
-public struct VLLMMetrics: Sendable, Equatable {
+/// The load figures the picker reads from a model server's Prometheus text exposition (vLLM's
+/// metric names unless `MetricNames` says otherwise).
+public struct LoadMetrics: Sendable, Equatable {
     /// `vllm:num_requests_waiting`, summed over its series (one per model / engine).
     public var waiting: Int
     /// `vllm:num_requests_running`, summed.
@@ -24,23 +25,20 @@ public struct VLLMMetrics: Sendable, Equatable {
 
     /// Parses the text format (version 0.0.4, also what OpenMetrics servers send for these
     /// gauges). Unknown metrics, comments, malformed lines and non-finite values are skipped
-    /// line by line; nil when neither a queue nor a KV-cache figure was found (not a vLLM server).
-    public static func parse<Bytes: Collection<UInt8>>(_ text: Bytes) -> VLLMMetrics? where Bytes.Index == Int {
+    /// line by line; nil when neither a queue nor a KV-cache figure was found (not a model server,
+    /// or other metric names).
+    public static func parse<Bytes: Collection<UInt8>>(_ text: Bytes, names: MetricNames = .vllm) -> LoadMetrics?
+    where Bytes.Index == Int {
+        let table = names.table
         var waiting = 0.0, running = 0.0
         var kv: Double?, gpuCache: Double?
         var found = false
         var lora: (info: LoRAAdapters, at: Double)?
         var served: [String] = []
-        var i = text.startIndex
-        let end = text.endIndex
-        while i < end {
-            var lineEnd = i
-            while lineEnd < end && text[lineEnd] != UInt8(ascii: "\n") { lineEnd += 1 }
-            defer { i = lineEnd + 1 }
-            guard let sample = parseLine(text, i, lineEnd) else { continue }
-            switch sample.name {
+        func add(_ kind: MetricNames.Kind, _ sample: (name: Range<Int>, value: Double, labels: Range<Int>?)) {
+            switch kind {
             case .waiting, .running:
-                if sample.name == .waiting { waiting += sample.value; found = true } else { running += sample.value }
+                if kind == .waiting { waiting += sample.value; found = true } else { running += sample.value }
                 if let labels = sample.labels,
                    let model = labelValue(text, labels, "model_name"), !model.isEmpty, !served.contains(model) {
                     served.append(model)
@@ -49,12 +47,27 @@ public struct VLLMMetrics: Sendable, Equatable {
             case .gpuCache: gpuCache = max(gpuCache ?? 0, sample.value); found = true
             case .loraInfo:
                 guard lora == nil || sample.value >= lora!.at, let labels = sample.labels,
-                      let info = loraAdapters(text, labels) else { continue }
+                      let info = loraAdapters(text, labels) else { return }
                 lora = (info, sample.value)
             }
         }
+        var i = text.startIndex
+        let end = text.endIndex
+        while i < end {
+            var lineEnd = i
+            while lineEnd < end && text[lineEnd] != UInt8(ascii: "\n") { lineEnd += 1 }
+            defer { i = lineEnd + 1 }
+            guard let sample = parseLine(text, i, lineEnd, table) else { continue }
+            for (spec, kind) in table where equal(text, sample.name.lowerBound, sample.name.upperBound, spec.nameBytes) {
+                if !spec.labels.isEmpty {
+                    guard let labels = sample.labels,
+                          spec.labels.allSatisfy({ labelValue(text, labels, $0.name) == $0.value }) else { continue }
+                }
+                add(kind, sample)
+            }
+        }
         guard found else { return nil }
-        return VLLMMetrics(waiting: clampedInt(waiting), running: clampedInt(running), kvCacheUsage: kv ?? gpuCache ?? 0,
+        return LoadMetrics(waiting: clampedInt(waiting), running: clampedInt(running), kvCacheUsage: kv ?? gpuCache ?? 0,
                            lora: lora?.info, servedModels: served)
     }
 
@@ -103,25 +116,17 @@ public struct VLLMMetrics: Sendable, Equatable {
         return nil
     }
 
-    private enum Name { case waiting, running, kvCache, gpuCache, loraInfo }
-
-    private static let names: [([UInt8], Name)] = [
-        (Array("vllm:num_requests_waiting".utf8), .waiting),
-        (Array("vllm:num_requests_running".utf8), .running),
-        (Array("vllm:kv_cache_usage_perc".utf8), .kvCache),
-        (Array("vllm:gpu_cache_usage_perc".utf8), .gpuCache),
-        (Array("vllm:lora_requests_info".utf8), .loraInfo),
-    ]
-
-    /// One `name{labels} value [timestamp]` line of a metric we want, or nil.
-    private static func parseLine<Bytes: Collection<UInt8>>(_ t: Bytes, _ start: Int, _ end: Int)
-    -> (name: Name, value: Double, labels: Range<Int>?)? where Bytes.Index == Int {
+    /// One `name{labels} value [timestamp]` line of a metric in `table`, or nil.
+    private static func parseLine<Bytes: Collection<UInt8>>(_ t: Bytes, _ start: Int, _ end: Int,
+                                                            _ table: [(spec: MetricSpec, kind: MetricNames.Kind)])
+    -> (name: Range<Int>, value: Double, labels: Range<Int>?)? where Bytes.Index == Int {
         var i = start
         while i < end && isSpace(t[i]) { i += 1 }
         guard i < end, t[i] != UInt8(ascii: "#") else { return nil }
         let nameStart = i
         while i < end && t[i] != UInt8(ascii: "{") && !isSpace(t[i]) { i += 1 }
-        guard let name = names.first(where: { equal(t, nameStart, i, $0.0) })?.1 else { return nil }
+        guard table.contains(where: { equal(t, nameStart, i, $0.spec.nameBytes) }) else { return nil }
+        let name = nameStart..<i
         var labels: Range<Int>?
         if i < end && t[i] == UInt8(ascii: "{") {
             // Label values may hold '}' inside quotes, with backslash escapes.

@@ -2,8 +2,8 @@ import InferenceRouting
 import ModelServerMetrics
 import XCTest
 
-final class VLLMMetricsTests: XCTestCase {
-    private func parse(_ s: String) -> VLLMMetrics? { VLLMMetrics.parse(Array(s.utf8)) }
+final class LoadMetricsTests: XCTestCase {
+    private func parse(_ s: String) -> LoadMetrics? { LoadMetrics.parse(Array(s.utf8)) }
 
     func testRealVLLMExposition() {
         // Shape of a vLLM 0.10 /metrics page (two engines of one model), trimmed.
@@ -22,19 +22,19 @@ final class VLLMMetricsTests: XCTestCase {
         vllm:num_requests_waiting_total_seconds 99
         vllm:prompt_tokens_total{model_name="facebook/opt-125m"} 123456.0
         """
-        XCTAssertEqual(parse(text), VLLMMetrics(waiting: 5, running: 5, kvCacheUsage: 0.5, servedModels: ["facebook/opt-125m"]))
+        XCTAssertEqual(parse(text), LoadMetrics(waiting: 5, running: 5, kvCacheUsage: 0.5, servedModels: ["facebook/opt-125m"]))
     }
 
     func testOlderGPUCacheNameAndKVPreferred() {
         XCTAssertEqual(parse("vllm:gpu_cache_usage_perc 0.7\nvllm:num_requests_waiting 2\n"),
-                       VLLMMetrics(waiting: 2, running: 0, kvCacheUsage: 0.7))
+                       LoadMetrics(waiting: 2, running: 0, kvCacheUsage: 0.7))
         XCTAssertEqual(parse("vllm:gpu_cache_usage_perc 0.7\nvllm:kv_cache_usage_perc 0.1\n")?.kvCacheUsage, 0.1)
     }
 
     func testLabelsWithBracesQuotesAndTimestamps() {
         let text = #"vllm:num_requests_waiting{model_name="we}ird \"x\" }",lora=""} 7 1712345678000"# + "\r\n"
             + "\tvllm:kv_cache_usage_perc{a=\"b\"}   0.3\n"
-        XCTAssertEqual(parse(text), VLLMMetrics(waiting: 7, running: 0, kvCacheUsage: 0.3, servedModels: [#"we}ird "x" }"#]))
+        XCTAssertEqual(parse(text), LoadMetrics(waiting: 7, running: 0, kvCacheUsage: 0.3, servedModels: [#"we}ird "x" }"#]))
     }
 
     func testLoRARequestsInfoNewestSeriesWins() {
@@ -71,7 +71,7 @@ final class VLLMMetricsTests: XCTestCase {
         XCTAssertNil(parse(""))
         XCTAssertNil(parse("# only comments\nprocess_cpu_seconds_total 12\n"))
         XCTAssertNil(parse(#"{"error":"not found"}"#))
-        XCTAssertNil(VLLMMetrics.parse([0xff, 0xfe, 0x00, 0x0a, 0x7b, 0x7d] + Array(repeating: 0x80, count: 1000)))
+        XCTAssertNil(LoadMetrics.parse([0xff, 0xfe, 0x00, 0x0a, 0x7b, 0x7d] + Array(repeating: 0x80, count: 1000)))
     }
 
     func testMalformedLinesAreSkippedOneByOne() {
@@ -86,11 +86,66 @@ final class VLLMMetricsTests: XCTestCase {
         vllm:num_requests_waiting 4
         vllm:kv_cache_usage_perc 0.2
         """
-        XCTAssertEqual(parse(text), VLLMMetrics(waiting: 4, running: 0, kvCacheUsage: 0.2))
+        XCTAssertEqual(parse(text), LoadMetrics(waiting: 4, running: 0, kvCacheUsage: 0.2))
     }
 
     func testWorksOnASliceWithNonZeroStart() {
         let bytes = Array("junk\nvllm:num_requests_waiting 9\n".utf8)
-        XCTAssertEqual(VLLMMetrics.parse(bytes[5...])?.waiting, 9)
+        XCTAssertEqual(LoadMetrics.parse(bytes[5...])?.waiting, 9)
+    }
+
+    // MARK: other model servers (the reference's metric flags)
+
+    func testMetricSelectorsParse() throws {
+        XCTAssertEqual(try MetricSpec(parsing: "sglang:num_queue_reqs"), MetricSpec(name: "sglang:num_queue_reqs"))
+        let trt = try MetricSpec(parsing: #" nv_trt_llm_request_metrics{ request_type = waiting, model="en\"s" } "#)
+        XCTAssertEqual(trt.name, "nv_trt_llm_request_metrics")
+        XCTAssertEqual(trt.labels, [.init(name: "request_type", value: "waiting"), .init(name: "model", value: #"en"s"#)])
+        XCTAssertEqual(trt.description, #"nv_trt_llm_request_metrics{request_type="waiting",model="en\"s"}"#)
+        XCTAssertEqual(try MetricSpec(parsing: "m{}"), MetricSpec(name: "m"))
+        for bad in ["", "9lives", "a-b", "m{x}", "m{x=1", #"m{x="1}"#, "m{1x=2}", "m{x=1}y"] {
+            XCTAssertThrowsError(try MetricSpec(parsing: bad), bad)
+        }
+    }
+
+    func testSGLangNames() throws {
+        let text = """
+        # TYPE sglang:num_running_reqs gauge
+        sglang:num_running_reqs{model_name="meta-llama/Llama-3.1-8B-Instruct"} 7.0
+        sglang:num_queue_reqs{model_name="meta-llama/Llama-3.1-8B-Instruct"} 3.0
+        sglang:token_usage{model_name="meta-llama/Llama-3.1-8B-Instruct"} 0.42
+        sglang:gen_throughput{model_name="meta-llama/Llama-3.1-8B-Instruct"} 120.5
+        """
+        XCTAssertNil(LoadMetrics.parse(Array(text.utf8)), "vLLM's names find nothing here")
+        var names = MetricNames.vllm
+        names.queued = try MetricSpec(parsing: "sglang:num_queue_reqs")
+        names.running = try MetricSpec(parsing: "sglang:num_running_reqs")
+        names.kvCache = try MetricSpec(parsing: "sglang:token_usage")
+        XCTAssertEqual(LoadMetrics.parse(Array(text.utf8), names: names),
+                       LoadMetrics(waiting: 3, running: 7, kvCacheUsage: 0.42, servedModels: ["meta-llama/Llama-3.1-8B-Instruct"]))
+    }
+
+    func testLabelSelectorsPickSeriesOfOneFamily() throws {
+        let text = """
+        nv_trt_llm_request_metrics{model="ensemble",request_type="waiting",version="1"} 4
+        nv_trt_llm_request_metrics{model="ensemble",request_type="scheduled",version="1"} 6
+        nv_trt_llm_request_metrics{model="ensemble",request_type="max",version="1"} 512
+        nv_trt_llm_request_metrics 99
+        nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type="max",model="ensemble",version="1"} 8192
+        nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type="fraction",model="ensemble",version="1"} 0.25
+        """
+        let names = MetricNames(queued: try MetricSpec(parsing: "nv_trt_llm_request_metrics{request_type=waiting}"),
+                                running: try MetricSpec(parsing: #"nv_trt_llm_request_metrics{request_type="scheduled"}"#),
+                                kvCache: try MetricSpec(parsing: "nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type=fraction}"))
+        XCTAssertEqual(LoadMetrics.parse(Array(text.utf8), names: names), LoadMetrics(waiting: 4, running: 6, kvCacheUsage: 0.25))
+    }
+
+    func testLoRAInfoCanBeLeftUnread() {
+        let text = #"vllm:num_requests_waiting 1\#nvllm:lora_requests_info{max_lora="2",running_lora_adapters="a",waiting_lora_adapters=""} 5\#n"#
+        XCTAssertNotNil(LoadMetrics.parse(Array(text.utf8))?.lora)
+        var names = MetricNames.vllm
+        names.lora = nil
+        XCTAssertNil(LoadMetrics.parse(Array(text.utf8), names: names)?.lora)
+        XCTAssertEqual(LoadMetrics.parse(Array(text.utf8), names: names)?.waiting, 1)
     }
 }
