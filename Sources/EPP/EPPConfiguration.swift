@@ -57,8 +57,8 @@ public struct EPPCommand: AsyncParsableCommand {
         await app.runUntilSignalled()
     }
 
-    /// Accepts Go-style flags as Kubernetes manifests pass them: `-flag`, `--flag=value` and a bare
-    /// boolean `--flag` meaning true.
+    /// Accepts Go-style flags as Kubernetes manifests pass them: `-flag`, `--flag=value`, an empty
+    /// `--flag=` and a bare boolean `--flag` meaning true.
     public static func normalize(_ arguments: [String]) -> [String] {
         let booleans: Set<String> = ["--secure-serving", "--restore-model-alias", "--enable-test-echo-service",
                                      "--scrape-model-server-metrics", "--prefix-cache-scoring", "--lora-affinity-scoring"]
@@ -69,7 +69,9 @@ public struct EPPCommand: AsyncParsableCommand {
             if arg.hasPrefix("-") && !arg.hasPrefix("--") && arg.count > 2 && !(arg.dropFirst().first?.isNumber ?? false) {
                 arg = "-" + arg
             }
-            if booleans.contains(arg) {
+            if arg.hasPrefix("--") && arg.hasSuffix("=") && arg.count > 3 {
+                out += [String(arg.dropLast()), ""]  // the parser reads `--flag=` as a missing value
+            } else if booleans.contains(arg) {
                 let next = i + 1 < arguments.count ? arguments[i + 1] : nil
                 if let next, next == "true" || next == "false" {
                     out.append("\(arg)=\(next)")

@@ -686,7 +686,7 @@ def test_other_model_servers_through_the_metric_flags(epp_factory, tmp_path_fact
         plain = epp_factory(endpoints=[a.address, b.address], rules=RULES, name=f"epp-{flavor}-vllm-names")
         plain.wait_log("model server metrics unavailable", count=2)
         assert "no vllm:num_requests_waiting or vllm:kv_cache_usage_perc in the response" in plain.log_text()
-        assert epp_gauge(plain, "inference_pool_average_queue_size", name=POOL) is None
+        assert epp_sum(plain, "inference_pool_per_pod_queue_size") == 0, "no samples (A serves 10 waiting)"
         dests = run(plain, lambda ch: paced(ch, 6))
         assert all(is_routed(o) for o in dests), "without samples it still routes (fewest in flight)"
     finally:
