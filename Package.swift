@@ -85,7 +85,7 @@ let package = Package(
             .product(name: "Yams", package: "Yams"),
         ]),
         .target(name: "ModelServerMetrics", dependencies: [
-            "InferenceRouting",
+            "InferenceRouting", "OpenSSLTLS",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "NIOHTTP1", package: "swift-nio"),

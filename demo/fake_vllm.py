@@ -44,6 +44,7 @@ import hashlib
 import json
 import re
 import signal
+import ssl
 import sys
 import time
 import uuid
@@ -459,6 +460,12 @@ async def main_async(args):
     server = Server(args)
     srv = await asyncio.start_server(server.handle, args.host, args.port, limit=1 << 20, backlog=1024)
     print(json.dumps({"msg": "fake vllm listening", "name": args.name, "address": f"{args.host}:{args.port}"}), flush=True)
+    if args.tls_port:
+        # The same server over HTTPS on a second port (model servers that serve /metrics over TLS).
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(args.tls_cert, args.tls_key)
+        tls_srv = await asyncio.start_server(server.handle, args.host, args.tls_port, ssl=ctx, limit=1 << 20)
+        print(json.dumps({"msg": "fake vllm listening (tls)", "address": f"{args.host}:{args.tls_port}"}), flush=True)
     loop = asyncio.get_running_loop()
     stop = loop.create_future()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -475,6 +482,9 @@ def main(argv=None):
     p.add_argument("--models", default="facebook/opt-125m,facebook/opt-125m-canary")
     p.add_argument("--chunk-delay-ms", type=float, default=20.0)
     p.add_argument("--metrics-flavor", choices=("vllm", "sglang", "trtllm"), default="vllm")
+    p.add_argument("--tls-port", type=int, default=0, help="also serve HTTPS on this port (needs --tls-cert/--tls-key)")
+    p.add_argument("--tls-cert")
+    p.add_argument("--tls-key")
     args = p.parse_args(argv)
     if args.name is None:
         args.name = f"{args.host}:{args.port}"

@@ -159,12 +159,16 @@ class Stack:
         self.procs.append(proc)
         return proc
 
-    def fake_vllm(self, host, port, name=None, models=None, chunk_delay_ms=None, cpu=None, metrics_flavor=None):
+    def fake_vllm(self, host, port, name=None, models=None, chunk_delay_ms=None, cpu=None, metrics_flavor=None,
+                  tls=None):
+        """tls: (port, cert file, key file) to also serve HTTPS."""
         args = [python_bin(), DEMO / "fake_vllm.py", "--host", host, "--port", port, "--name", name or f"{host}:{port}"]
         if models:
             args += ["--models", models]
         if metrics_flavor:
             args += ["--metrics-flavor", metrics_flavor]
+        if tls:
+            args += ["--tls-port", tls[0], "--tls-cert", tls[1], "--tls-key", tls[2]]
         if chunk_delay_ms is not None:
             args += ["--chunk-delay-ms", chunk_delay_ms]
         p = self.add(Proc(f"fake-{host}-{port}", args, self.logdir, cpu=cpu))

@@ -8,6 +8,7 @@ import Logging
 import ModelServerMetrics
 import NIOCore
 import NIOPosix
+import OpenSSLTLS
 
 /// The running process: listeners, health, and the signal-driven drain.
 final class EPPApp: Sendable {
@@ -141,6 +142,18 @@ final class EPPApp: Sendable {
         }
         var config = ModelServerScraper.Configuration()
         config.names = try metricNames(options)
+        switch options.modelServerMetricsScheme.lowercased() {
+        case "http": break
+        case "https":
+            do {
+                config.tls = try TLSContext.client(trustRootsPEM: nil, trustRootsFile: nil, clientCertificatePEM: nil, clientKeyPEM: nil,
+                                                   insecureSkipVerify: options.modelServerMetricsHttpsInsecureSkipVerify, alpn: [])
+            } catch {
+                throw ValidationFailure("--model-server-metrics-scheme https: TLS client setup failed: \(error)")
+            }
+        default:
+            throw ValidationFailure("--model-server-metrics-scheme must be http or https")
+        }
         config.path = options.modelServerMetricsPath
         config.port = options.modelServerMetricsPort
         config.interval = .nanoseconds(Int64(options.refreshMetricsInterval * 1e9))

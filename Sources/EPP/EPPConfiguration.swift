@@ -33,6 +33,8 @@ public struct EPPCommand: AsyncParsableCommand {
     @Option(help: "Seconds after which a model server's last metrics no longer count (stale = unknown load).") var metricsStalenessThreshold: Double = 2
     @Option(help: "Path of the model servers' Prometheus metrics.") var modelServerMetricsPath = "/metrics"
     @Option(help: "Port of the model servers' metrics; 0: the endpoint's own port.") var modelServerMetricsPort = 0
+    @Option(help: "Scheme of the model servers' metrics: http or https.") var modelServerMetricsScheme = "http"
+    @Option(help: "With https: do not verify the model servers' certificates (they are usually self-signed); false verifies them against the system's trust roots.") var modelServerMetricsHttpsInsecureSkipVerify = true
     @Option(help: "Metric of the requests waiting in a model server, name{label=\"value\",...} (SGLang: sglang:num_queue_reqs).") var totalQueuedRequestsMetric = "vllm:num_requests_waiting"
     @Option(help: "Metric of the requests a model server is running (SGLang: sglang:num_running_reqs).") var totalRunningRequestsMetric = "vllm:num_requests_running"
     @Option(help: "Metric of a model server's KV-cache utilisation, 0-1 (SGLang: sglang:token_usage); vLLM's older vllm:gpu_cache_usage_perc is read when the default is absent.") var kvCacheUsagePercentageMetric = "vllm:kv_cache_usage_perc"
@@ -61,7 +63,8 @@ public struct EPPCommand: AsyncParsableCommand {
     /// `--flag=` and a bare boolean `--flag` meaning true.
     public static func normalize(_ arguments: [String]) -> [String] {
         let booleans: Set<String> = ["--secure-serving", "--restore-model-alias", "--enable-test-echo-service",
-                                     "--scrape-model-server-metrics", "--prefix-cache-scoring", "--lora-affinity-scoring"]
+                                     "--scrape-model-server-metrics", "--prefix-cache-scoring", "--lora-affinity-scoring",
+                                     "--model-server-metrics-https-insecure-skip-verify"]
         var out: [String] = []
         var i = 0
         while i < arguments.count {

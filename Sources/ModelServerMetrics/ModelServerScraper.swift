@@ -1,6 +1,7 @@
 import InferenceRouting
 import Logging
 import NIOCore
+import OpenSSLTLS
 import NIOHTTP1
 import NIOPosix
 
@@ -23,6 +24,8 @@ public final class ModelServerScraper: Sendable {
         public var timeout: TimeAmount = .seconds(1)
         /// Larger responses are dropped (a vLLM exposition is ~10–200 KB).
         public var maxBodyBytes = 8 << 20
+        /// Scrape over HTTPS with this client context (nil: plain HTTP).
+        public var tls: TLSContext?
 
         public init() {}
     }
@@ -146,7 +149,8 @@ private final class ScrapeTarget {
     var scrapeURL: String {
         let e = record.endpoint
         let port = configuration.port > 0 ? configuration.port : e.port
-        return "http://\(e.host.contains(":") ? "[\(e.host)]" : e.host):\(port)\(configuration.path)"
+        let scheme = configuration.tls == nil ? "http" : "https"
+        return "\(scheme)://\(e.host.contains(":") ? "[\(e.host)]" : e.host):\(port)\(configuration.path)"
     }
 
     func poll(now: NIODeadline) {
@@ -182,11 +186,16 @@ private final class ScrapeTarget {
         let generation = self.generation
         let bound = NIOLoopBound(self, eventLoop: loop)
         let maxBody = configuration.maxBodyBytes
+        let tls = configuration.tls
         ClientBootstrap(group: loop)
             .connectTimeout(configuration.timeout)
             .channelOption(.tcpOption(.tcp_nodelay), value: 1)
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
+                    if let tls {
+                        try channel.pipeline.syncOperations.addHandler(
+                            OpenSSLHandler(context: tls, role: .client(serverHostname: e.host), handshakeTimeout: nil))
+                    }
                     try channel.pipeline.syncOperations.addHTTPClientHandlers()
                     try channel.pipeline.syncOperations.addHandler(ScrapeResponseHandler(maxBodyBytes: maxBody) { result in
                         bound.value.finished(result, generation: generation)

@@ -693,6 +693,49 @@ def test_other_model_servers_through_the_metric_flags(epp_factory, tmp_path_fact
         st.stop()
 
 
+def test_metrics_over_https(epp_factory, tmp_path_factory, cert_factory):
+    """--model-server-metrics-scheme https scrapes over TLS (OpenSSL, as every TLS of the EPP): with the default
+    insecure-skip-verify the self-signed servers' loads arrive; verifying them against the system's trust roots
+    refuses the certificates, logs why, and leaves the endpoints without samples (still routed)."""
+    hosts = ["127.0.0.49", "127.0.0.50"]
+    certs = cert_factory(tmp_path_factory.mktemp("fake-vllm-tls"), "fake-vllm")
+    # One port number free on both addresses: --model-server-metrics-port is one for the pool.
+    tls_port = next(p for p in (stack.free_port(hosts[0]) for _ in range(50)) if _port_free(hosts[1], p))
+    st = stack.Stack(tmp_path_factory.mktemp("lb-tls") / "logs")
+    try:
+        a, b = [st.fake_vllm(h, stack.free_port(h), name=f"tls-{h}", tls=(tls_port, certs / "tls.crt", certs / "tls.key"))
+                for h in hosts]
+        for h in hosts:
+            stack.wait_tcp(h, tls_port)
+        set_load(a, waiting=3, kv=0.25)
+        set_load(b, waiting=6, kv=0.75)
+        flags = ["--model-server-metrics-scheme", "https", "--model-server-metrics-port", str(tls_port)]
+        epp = epp_factory(extra=flags, endpoints=[a.address, b.address], rules=RULES, name="epp-metrics-https")
+        wait_gauges(epp, 4.5, 0.5)
+        assert per_pod_queue(epp, a) == 3 and per_pod_queue(epp, b) == 6
+        epp.stop()
+
+        strict = epp_factory(extra=flags + ["--model-server-metrics-https-insecure-skip-verify=false"],
+                             endpoints=[a.address, b.address], rules=RULES, name="epp-metrics-https-verify")
+        strict.wait_log("model server metrics unavailable", count=2)
+        assert "https://127.0.0.49" in strict.log_text()
+        assert "certificate" in strict.log_text().lower(), strict.tail()
+        assert epp_sum(strict, "inference_pool_per_pod_queue_size") == 0
+        assert all(is_routed(o) for o in run(strict, lambda ch: paced(ch, 4)))
+    finally:
+        st.stop()
+
+
+def _port_free(host, port):
+    import socket
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+            return True
+        except OSError:
+            return False
+
+
 # -- prefix-cache affinity ---------------------------------------------------------------------------------------
 
 # No rewrite rule matches this model: the seed rule's 90/10 split would give one prompt two target models,
@@ -812,6 +855,7 @@ def test_prefix_blocks_are_awaited_then_the_body_streams(lb_epp, backends):
     (["--prefix-cache-capacity", "0"], "--prefix-cache-capacity must be positive"),
     (["--sheddable-queue-timeout=-1"], "--sheddable-queue-timeout must be 0"),
     (["--sheddable-queue-capacity", "0"], "--sheddable-queue-capacity must be positive"),
+    (["--model-server-metrics-scheme", "ftp"], "--model-server-metrics-scheme must be http or https"),
     (["--total-queued-requests-metric", "9lives"], "--total-queued-requests-metric: invalid metric selector '9lives'"),
     (["--kv-cache-usage-percentage-metric", "kv{type=fraction"], "missing '}'"),
     (["--total-running-requests-metric", 'r{a="x}'], "unterminated label value"),
