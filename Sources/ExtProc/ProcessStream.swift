@@ -45,6 +45,7 @@ final class ProcessStream: GRPCStreamHandler {
     /// Waiting in the admission queue for the pool to have room (sheddable, pool saturated):
     /// since when, and the next re-check.
     private var queuedSince: NIODeadline?
+    private var admissionTicket = -1
     private var admissionCheck: Scheduled<Void>?
     /// Request trailers that came while waiting: answered after the routing and the held body.
     private var requestTrailersPending = false
@@ -713,8 +714,20 @@ final class ProcessStream: GRPCStreamHandler {
     private func enterAdmissionQueue(_ stream: GRPCServerStream) -> Bool {
         guard let queue = configuration.admissionQueue, queuedSince == nil,
               requestMode == .fullDuplexStreamed || requestMode == .buffered || requestMode == .bufferedPartial,
-              bodyBytes > 0 || !requestBodyEnded,  // a request without a body is routed on its headers
-              queue.enter() else { return false }
+              bodyBytes > 0 || !requestBodyEnded  // a request without a body is routed on its headers
+        else { return false }
+        let objective = info.objective ?? ""
+        let loop = stream.eventLoop
+        let bound = NIOLoopBound((self, stream), eventLoop: loop)
+        let turn: @Sendable () -> Void = {
+            loop.execute {
+                let (me, stream) = bound.value
+                me.checkAdmission(stream, queue, handedTurn: true)
+            }
+        }
+        let priority = snapshot?.objectives.priority(for: info.objective) ?? -1
+        guard let ticket = queue.enter(priority: priority, flow: objective, takeTurn: turn) else { return false }
+        admissionTicket = ticket
         queuedSince = .now()
         scheduleAdmissionCheck(stream, queue)
         return true
@@ -723,25 +736,29 @@ final class ProcessStream: GRPCStreamHandler {
     private func scheduleAdmissionCheck(_ stream: GRPCServerStream, _ queue: AdmissionQueue) {
         admissionCheck = stream.eventLoop.assumeIsolated().scheduleTask(in: queue.recheckInterval) { [self] in
             admissionCheck = nil
-            checkAdmission(stream, queue)
+            checkAdmission(stream, queue, handedTurn: false)
         }
     }
 
-    /// Timer: routes the waiting request once the pool has room, refuses it once it waited too long.
-    private func checkAdmission(_ stream: GRPCServerStream, _ queue: AdmissionQueue) {
+    /// Timer, or another waiter handing over the turn: routes the waiting request once the pool has
+    /// room and it is its turn, refuses it once it waited too long.
+    private func checkAdmission(_ stream: GRPCServerStream, _ queue: AdmissionQueue, handedTurn: Bool) {
         guard let since = queuedSince, !done else { return }
         // Endpoints and rules may have changed while it waited.
         snapshot = state.snapshot
         let saturated = snapshot!.endpoints.isSaturated(subset: info.subset, policy: configuration.loadPolicy,
                                                         now: MonotonicClock.nanoseconds)
-        if saturated {
+        if saturated || (!handedTurn && !queue.claimRoom(admissionTicket)) {
+            // Only a subset hint can make the room differ between waiters; then others go first.
+            if saturated && info.subset != nil { queue.noRoom(admissionTicket) }
             let waited = NIODeadline.now() - since
             if waited >= queue.timeout {
                 return fail(.queueTimeout(objective: info.objective ?? "", waited: waited), stream)
             }
-            return scheduleAdmissionCheck(stream, queue)
+            if admissionCheck == nil { scheduleAdmissionCheck(stream, queue) }
+            return
         }
-        leaveAdmissionQueue()
+        leaveAdmissionQueue(admitted: true)
         if requestMode == .fullDuplexStreamed {
             routeAndFlushHeld(stream)
         } else {
@@ -753,12 +770,12 @@ final class ProcessStream: GRPCStreamHandler {
         }
     }
 
-    private func leaveAdmissionQueue() {
+    private func leaveAdmissionQueue(admitted: Bool = false) {
         admissionCheck?.cancel()
         admissionCheck = nil
         if queuedSince != nil {
             queuedSince = nil
-            configuration.admissionQueue?.leave()
+            configuration.admissionQueue?.leave(admissionTicket, admitted: admitted)
         }
     }
 

@@ -585,6 +585,47 @@ def test_sheddable_requests_wait_for_room(epp_factory, backends):
     assert epp.poll() is None, epp.tail()
 
 
+def test_waiting_requests_get_room_by_priority_then_fairly_between_objectives(epp_factory, backends):
+    """When room opens one request at a time, waiting sheddable requests are admitted in order: higher priority
+    first; within a priority, round robin between objectives (a second objective's first request does not wait
+    behind the first objective's backlog); then arrival."""
+    rules = RULES + "---\n" + objective("other", -1) + "---\n" + objective("bulk", -5)
+    epp = epp_factory(extra=["--sheddable-queue-timeout", "30"], endpoints=[b.address for b in backends], rules=rules,
+                      name="epp-queue-order")
+    a, b = backends
+    arrivals = ["bulk-1", "batch-1", "batch-2", "other-1", "batch-3", "other-2"]
+
+    async def go(ch):
+        for x in backends:
+            set_load(x, waiting=10)
+        await settled(epp, 10.0, 0.0)
+        streams = {}
+        for name in arrivals:
+            s = Stream(ch)
+            body = json.dumps({"model": "opt-stable", "prompt": name}).encode()
+            await s.send(req_headers(headers={OBJECTIVE_HEADER: name.split("-")[0]}), req_body(body, eos=True))
+            streams[name] = s
+            await asyncio.sleep(0.02)
+        assert all([await s.no_reply_within(0.3) for s in streams.values()]), "a request got an answer while saturated"
+        # Room for one at a time: A full (5/5), B one short (4/5); each admitted request goes to B, stays in flight
+        # and fills it until B's next sample counts it.
+        set_load(a, waiting=5)
+        set_load(b, waiting=4)
+
+        async def admitted(name):
+            r = await streams[name].recv_pending(timeout=20)
+            return time.monotonic(), name, kind(r), destination(r)[0] if kind(r) == "request_headers" else None
+        results = await asyncio.gather(*[admitted(n) for n in arrivals])
+        for s in streams.values():
+            s.call.cancel()
+        return sorted(results)
+    results = run(epp, go)
+    assert all(k == "request_headers" for _, _, k, _ in results), results
+    order = [name for _, name, _, _ in results]
+    assert order == ["batch-1", "other-1", "batch-2", "other-2", "batch-3", "bulk-1"], results
+    assert epp.poll() is None, epp.tail()
+
+
 # -- LoRA affinity ----------------------------------------------------------------------------------------------
 
 def settled_scrapes(backends, n=2, timeout=SETTLE):
