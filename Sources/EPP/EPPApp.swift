@@ -39,10 +39,10 @@ final class EPPApp: Sendable {
     static func start(_ options: EPPCommand, logger: Logger) async throws -> EPPApp {
         let threads = options.eventLoopThreads > 0 ? options.eventLoopThreads : min(System.coreCount, allowedCPUCount() ?? .max)
         let group = MultiThreadedEventLoopGroup(numberOfThreads: max(1, threads))
-        let health = HealthStatusStore([
-            "": .serving, "liveness": .serving, "readiness": .serving, extProcServiceName: .serving,
-        ])
+        let health = HealthStatusStore(Dictionary(uniqueKeysWithValues: (["liveness"] + readinessServices).map { ($0, .serving) }))
         let tls = try makeTLS(options, logger: logger)
+        let pickerConfig = try loadPickerConfig(options, logger: logger)
+        noteCompatibilityFlags(options, logger: logger)
 
         let source = try makeSource(options, group: group, health: health, logger: logger)
         var extProc = ExtProcConfiguration()
@@ -51,9 +51,10 @@ final class EPPApp: Sendable {
         extProc.maxRequestBodyBytes = options.maxRequestBodyBytes
         let scraper = try makeScraper(options, state: source.state, logger: logger)
         extProc.loadPolicy = LoadPolicy(enabled: scraper != nil, stalenessSeconds: options.metricsStalenessThreshold)
+        pickerConfig?.apply(to: &extProc.loadPolicy)
         if !options.loraAffinityScoring { extProc.loadPolicy.loraWeight = 0 }
         extProc.admissionQueue = try makeAdmissionQueue(options, scraping: scraper != nil)
-        if scraper != nil { try configurePrefixCache(options, &extProc) }
+        if scraper != nil { try configurePrefixCache(options, pickerConfig, &extProc) }
         if let index = extProc.prefixCache {
             // Pods that leave the pool free their bit in the index for the ones that come.
             source.state.onEndpointsChange { index.retain($0) }
@@ -94,9 +95,11 @@ final class EPPApp: Sendable {
                       drainTimeout: options.drainTimeout, group: group, source: source, scraper: scraper)
     }
 
-    /// Prefix-cache affinity (weighed with the load, so only when scraping is on).
-    private static func configurePrefixCache(_ options: EPPCommand, _ extProc: inout ExtProcConfiguration) throws {
-        guard options.prefixCacheScoring else { return }
+    /// Prefix-cache affinity (weighed with the load, so only when scraping is on; not at all when
+    /// an EndpointPickerConfig leaves the prefix scorer out).
+    private static func configurePrefixCache(_ options: EPPCommand, _ pickerConfig: EndpointPickerConfig?,
+                                             _ extProc: inout ExtProcConfiguration) throws {
+        guard options.prefixCacheScoring, extProc.loadPolicy.prefixWeight > 0 else { return }
         guard options.prefixCacheBlockBytes >= 8, options.prefixCacheBlockBytes % 8 == 0 else {
             throw ValidationFailure("--prefix-cache-block-bytes must be a positive multiple of 8")
         }
@@ -105,8 +108,50 @@ final class EPPApp: Sendable {
         }
         guard options.prefixCacheCapacity > 0 else { throw ValidationFailure("--prefix-cache-capacity must be positive") }
         extProc.prefixCache = PrefixCacheIndex(capacity: options.prefixCacheCapacity)
-        extProc.prefixBlockBytes = options.prefixCacheBlockBytes
-        extProc.prefixMaxBlocks = options.prefixCacheMaxBlocks
+        extProc.prefixBlockBytes = pickerConfig?.prefixBlockBytes ?? options.prefixCacheBlockBytes
+        extProc.prefixMaxBlocks = pickerConfig?.prefixMaxBlocks ?? options.prefixCacheMaxBlocks
+    }
+
+    /// Health service names that follow readiness: the standard ones, the ext_proc service, and
+    /// `inference-extension`, which the reference's Helm chart probes.
+    static let readinessServices = ["", "readiness", "inference-extension", extProcServiceName]
+
+    /// The reference's EndpointPickerConfig (`--config-file` / `--config-text`), if given.
+    private static func loadPickerConfig(_ options: EPPCommand, logger: Logger) throws -> EndpointPickerConfig? {
+        let text: String
+        let origin: String
+        if let path = options.configFile, !path.isEmpty {
+            guard options.configText == nil else { throw ValidationFailure("give --config-file or --config-text, not both") }
+            do { text = try String(contentsOfFile: path, encoding: .utf8) } catch {
+                throw ValidationFailure("--config-file \(path): cannot read it (\(error))")
+            }
+            origin = path
+        } else if let t = options.configText, !t.isEmpty {
+            text = t
+            origin = "--config-text"
+        } else {
+            return nil
+        }
+        let config: EndpointPickerConfig
+        do { config = try EndpointPickerConfig.parse(text) } catch { throw ValidationFailure("\(origin): \(error)") }
+        for note in config.notes { logger.warning("endpoint picker config", metadata: ["source": "\(origin)", "note": "\(note)"]) }
+        logger.info("endpoint picker config", metadata: [
+            "source": "\(origin)", "queue-weight": "\(config.queueWeight)", "kv-cache-weight": "\(config.kvCacheWeight)",
+            "prefix-weight": "\(config.prefixWeight)", "lora-weight": "\(config.loraWeight)",
+        ])
+        return config
+    }
+
+    /// Reference flags accepted for its manifests' sake: say which ones change nothing here.
+    private static func noteCompatibilityFlags(_ options: EPPCommand, logger: Logger) {
+        if options.tracing { logger.warning("--tracing: OpenTelemetry tracing is not available in this picker; ignored") }
+        if options.metricsEndpointAuth == true {
+            logger.warning("--metrics-endpoint-auth: /metrics is served without authentication; restrict the port with a NetworkPolicy")
+        }
+        if options.haEnableLeaderElection && (options.endpoints != nil || options.configDir != nil) {
+            logger.warning("--ha-enable-leader-election applies in Kubernetes mode only; ignored")
+        }
+        if let e = options.zapEncoder, e != "json" { logger.info("--zap-encoder \(e): logs are JSON lines") }
     }
 
     /// The admission queue for sheddable requests (only meaningful with load scraping, which

@@ -1,3 +1,4 @@
+import Foundation
 import ExtProc
 import GRPCServer
 import InferenceRouting
@@ -15,7 +16,10 @@ final class KubernetesSource: RoutingSource {
 
     init(options: EPPCommand, group: any EventLoopGroup, health: HealthStatusStore, logger: Logger) throws {
         let cluster = try ClusterConfig.load(kubeconfigPath: options.kubeconfig)
-        let namespace = options.poolNamespace ?? cluster.namespace ?? "default"
+        // As the reference: the flag, else $NAMESPACE (its Helm chart sets it from the pod), else the
+        // service account's namespace.
+        let environment = ProcessInfo.processInfo.environment["NAMESPACE"].flatMap { $0.isEmpty ? nil : $0 }
+        let namespace = options.poolNamespace ?? environment ?? cluster.namespace ?? "default"
         let poolName = options.poolName
         let poolGroup = options.poolGroup
         let client = KubernetesClient(config: cluster, eventLoopGroup: group, logger: logger)
@@ -25,11 +29,18 @@ final class KubernetesSource: RoutingSource {
 
         let state = RoutingState(RoutingSnapshot(rules: RewriteRules(), objectives: Objectives(), endpoints: .empty, origin: "kubernetes"))
         self.state = state
-        for service in ["", "readiness", ExtProcService.serviceName] { health.set(service, .notServing) }
+        let readiness = Readiness(health: health, activePassive: options.haEnableLeaderElection)
         logger.info("Kubernetes mode", metadata: [
             "server": "\(cluster.serverURL)", "namespace": "\(namespace)", "pool": "\(poolName)", "group": "\(poolGroup)",
         ])
-        watcher = PoolWatcher(client: client, config: config, logger: logger) { pool in
+        var onLeadership: (@Sendable (Bool) -> Void)?
+        if options.haEnableLeaderElection {
+            onLeadership = { (leader: Bool) in
+                logger.info(leader ? "leader: ready (active-passive)" : "not the leader: not ready (active-passive)")
+                readiness.update(leader: leader)
+            }
+        }
+        watcher = PoolWatcher(client: client, config: config, logger: logger, onLeadershipChange: onLeadership) { pool in
             let previous = state.snapshot
             let rules = RewriteRules(pool.rewrites, poolName: poolName, poolGroup: poolGroup, poolNamespace: namespace)
             let objectives = Objectives(pool.objectives, poolName: poolName, poolNamespace: namespace)
@@ -37,8 +48,7 @@ final class KubernetesSource: RoutingSource {
             state.publish(RoutingSnapshot(rules: rules, objectives: objectives, endpoints: endpoints, origin: "kubernetes"))
             // As the reference EPP: ready once everything synced and the pool exists (without it
             // every request would be refused).
-            let serving: HealthStatusStore.Status = pool.synced && pool.pool != nil ? .serving : .notServing
-            for service in ["", "readiness", ExtProcService.serviceName] { health.set(service, serving) }
+            readiness.update(synced: pool.synced && pool.pool != nil)
             logger.info("pool state", metadata: [
                 "synced": "\(pool.synced)", "pool-found": "\(pool.pool != nil)", "endpoints": "\(pool.endpoints.count)",
                 "rewrites": "\(pool.rewrites.count)", "objectives": "\(pool.objectives.count)",
@@ -52,6 +62,32 @@ final class KubernetesSource: RoutingSource {
     }
 
     func stop() async { await task.cancelAndWait(upTo: .seconds(2)) }
+}
+
+/// Readiness in Kubernetes mode: synced (and, active-passive, holding the lease), told to every
+/// readiness service name; liveness stays SERVING.
+private final class Readiness: Sendable {
+    private let health: HealthStatusStore
+    private let state: NIOLockedValueBox<(synced: Bool, leader: Bool)>
+
+    init(health: HealthStatusStore, activePassive: Bool) {
+        self.health = health
+        state = NIOLockedValueBox((false, !activePassive))
+        publish(false)
+    }
+
+    func update(synced: Bool? = nil, leader: Bool? = nil) {
+        let ready = state.withLockedValue { s in
+            if let synced { s.synced = synced }
+            if let leader { s.leader = leader }
+            return s.synced && s.leader
+        }
+        publish(ready)
+    }
+
+    private func publish(_ ready: Bool) {
+        for service in EPPApp.readinessServices { health.set(service, ready ? .serving : .notServing) }
+    }
 }
 
 /// Holds the watch task so it can be cancelled at shutdown.

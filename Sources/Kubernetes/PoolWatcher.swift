@@ -96,7 +96,9 @@ public final class PoolWatcher: Sendable {
         var published: PoolState?
     }
 
+    /// - Parameter onLeadershipChange: told when this replica gains or loses the status lease.
     public init(client: KubernetesClient, config: PoolWatcherConfig, logger: Logger,
+                onLeadershipChange: (@Sendable (Bool) -> Void)? = nil,
                 onChange: @escaping @Sendable (PoolState) -> Void) {
         self.client = client
         self.config = config
@@ -111,6 +113,7 @@ public final class PoolWatcher: Sendable {
         elector = config.statusWriting?.leaderElection.map {
             LeaderElector(client: client, config: $0, logger: logger) { leader in
                 if leader { statusSignal.yield() }
+                onLeadershipChange?(leader)
             }
         }
     }

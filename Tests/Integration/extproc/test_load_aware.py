@@ -685,6 +685,27 @@ def test_lora_affinity(epp_factory, tmp_path_factory):
         st.stop()
 
 
+def test_endpoint_picker_config_sets_the_scorer_weights(lb_epp, epp_factory, backends):
+    """The reference's EndpointPickerConfig (--config-text, as --config-file): a profile with only the KV-cache
+    scorer sends traffic to the emptier KV cache although its queue is longer; the default weights (queue ×2,
+    KV ×2) prefer the empty queue for the same loads."""
+    kv_only = "\n".join(["apiVersion: inference.networking.x-k8s.io/v1alpha1", "kind: EndpointPickerConfig",
+                         "plugins:", "- type: queue-scorer", "- type: kv-cache-utilization-scorer",
+                         "schedulingProfiles:", "- name: default", "  plugins:",
+                         "  - pluginRef: kv-cache-utilization-scorer"]) + "\n"
+    a, b = backends
+    epp = epp_factory(extra=["--config-text", kv_only], endpoints=[a.address, b.address], rules=RULES, name="epp-kv-only")
+    set_load(a, waiting=0, kv=0.9)
+    set_load(b, waiting=4, kv=0.1)
+
+    async def go(ch, target, e):
+        await settled(e, 2.0, 0.5)
+        await poll(ch, to(target.address), streak=3, what=f"routing to {target.address}")
+        return await paced(ch, 15, model=DIRECT, prompt="weights")
+    assert_all_to(run(epp, lambda ch: go(ch, b, epp)), b.address, epp)
+    assert_all_to(run(lb_epp, lambda ch: go(ch, a, lb_epp)), a.address, lb_epp)
+
+
 # -- other model servers ----------------------------------------------------------------------------------------
 
 SGLANG_FLAGS = ["--total-queued-requests-metric", "sglang:num_queue_reqs",

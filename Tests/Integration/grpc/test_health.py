@@ -198,3 +198,59 @@ def test_cert_reload(epp_factory, tmp_path, style, cert_factory, served_cert):
     assert health_check(old_ch) == SERVING, "the connection made before the reload broke"
     old_ch.close()
     assert s.alive()
+
+
+# The reference EPP's Helm chart (config/charts/inferencepool) runs its image with these arguments and probes the
+# health service "inference-extension"; swapping the image for this picker must just work.
+CHART_CONFIG = """apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: queue-scorer
+- type: kv-cache-utilization-scorer
+- type: prefix-cache-scorer
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: queue-scorer
+    weight: 2
+  - pluginRef: kv-cache-utilization-scorer
+    weight: 2
+  - pluginRef: prefix-cache-scorer
+    weight: 3
+"""
+
+
+def test_reference_chart_arguments_start_the_picker(epp_factory, tmp_path):
+    """The reference's flags (Go durations, -v, zap and tracing flags, its plugin config file) are accepted; the
+    chart's probe service inference-extension answers like readiness; the config's weights are logged."""
+    config = tmp_path / "default-plugins.yaml"
+    config.write_text(CHART_CONFIG)
+    s = epp_factory(["--zap-encoder", "json", "--config-file", str(config), "--tracing=false",
+                     "--metrics-endpoint-auth=false", "-v", "4", "--refresh-metrics-interval=50ms",
+                     "--metrics-staleness-threshold", "2s", "--enable-pprof", "--enable-cert-reload",
+                     "--refresh-prometheus-metrics-interval=5s", "--cache-info-metric", "vllm:cache_config_info",
+                     "--drain-timeout=1m30s"], name="chart-args")
+    with s.channel("health") as ch:
+        assert health_check(ch, "inference-extension") == SERVING
+        assert health_check(ch, "readiness") == SERVING
+    logs = s.logs()
+    assert '"queue-weight":"2.0"' in logs and '"prefix-weight":"3.0"' in logs and '"lora-weight":"0.0"' in logs, \
+        s.log_tail()
+    assert '"msg":"starting","log-level":"debug"' in logs, "-v 4 is debug"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--refresh-metrics-interval", "50 ms"], "'50 ms' is not a duration"),
+    (["--metrics-staleness-threshold", "2x"], "is not a duration"),
+    (["--config-file", "/nonexistent/plugins.yaml"], "--config-file /nonexistent/plugins.yaml: cannot read it"),
+    (["--config-text", "kind: EndpointPickerConfig\nschedulingProfiles: [{name: d, plugins: [{pluginRef: ghost}]}]"],
+     "pluginRef ghost names no plugin"),
+])
+def test_bad_reference_flags_stop_the_picker_with_a_clear_message(flags, message, tmp_path):
+    import subprocess
+    from conftest import epp_binary, free_port
+    out = subprocess.run([str(epp_binary()), "--secure-serving=false", "--endpoints", "127.0.0.1:1",
+                          "--grpc-port", str(free_port()), "--grpc-health-port", str(free_port()), "--metrics-port", "0"]
+                         + flags, capture_output=True, text=True, timeout=30, cwd=tmp_path)
+    assert out.returncode != 0
+    assert message in out.stderr + out.stdout, (out.stderr + out.stdout)[-600:]

@@ -154,10 +154,10 @@ def route(channel, model: str, timeout: float = 5.0) -> tuple[str | None, str | 
     return destination, upstream_model, status
 
 
-def readiness(health_channel) -> int:
+def readiness(health_channel, service="readiness") -> int:
     try:
         return health_pb2_grpc.HealthStub(health_channel).Check(
-            health_pb2.HealthCheckRequest(service="readiness"), timeout=2).status
+            health_pb2.HealthCheckRequest(service=service), timeout=2).status
     except grpc.RpcError:
         return -1
 
@@ -190,8 +190,9 @@ def cluster():
 def epp_k8s(cluster, epp_factory, tmp_path):
     kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", cluster.srv.port)
 
-    def start(**kw):
-        return epp_factory(["--kubeconfig", str(kubeconfig), "--pool-name", "pool", "--pool-namespace", NS, "--log-level", "debug"], **kw)
+    def start(extra=(), **kw):
+        return epp_factory(["--kubeconfig", str(kubeconfig), "--pool-name", "pool", "--pool-namespace", NS, "--log-level", "debug"]
+                           + list(extra), **kw)
     return start
 
 
@@ -438,3 +439,31 @@ def test_lease_renewals_reuse_one_connection(cluster, epp_k8s):
         conns1, gets1, puts1 = c.st.connections, c.st.requests.get("get", 0), c.st.requests.get("PUT", 0)
     assert gets1 - gets0 >= 2 and puts1 - puts0 >= 2, f"renewals: {gets1 - gets0} GET, {puts1 - puts0} PUT"
     assert conns1 - conns0 <= 1, f"{conns1 - conns0} new connections for {gets1 - gets0 + puts1 - puts0} requests"
+
+
+def test_active_passive_with_ha_leader_election(cluster, epp_k8s):
+    """--ha-enable-leader-election (the reference's active-passive mode, which its Helm chart sets for more than one
+    replica): only the lease holder reports ready — readiness, "", inference-extension and the ext_proc service —
+    while both stay live; when the leader stops, the other takes the lease and becomes ready."""
+    c = cluster
+    c.pool()
+    c.pod("a", "127.0.0.93")
+    SERVING = health_pb2.HealthCheckResponse.SERVING
+    ready_names = ["readiness", "", "inference-extension", "envoy.service.ext_proc.v3.ExternalProcessor"]
+    e1 = epp_k8s(extra=["--ha-enable-leader-election"], name="ha-1")
+    e2 = epp_k8s(extra=["--ha-enable-leader-election"], name="ha-2")
+
+    def ready(e):
+        with e.channel("health") as ch:
+            return [readiness(ch, s) == SERVING for s in ready_names]
+    wait_until(lambda: sum(all(ready(e)) for e in (e1, e2)) == 1, timeout=15, what="exactly one ready replica")
+    leader, follower = (e1, e2) if all(ready(e1)) else (e2, e1)
+    assert not any(ready(follower)), ready(follower)
+    for e in (e1, e2):
+        with e.channel("health") as ch:
+            assert readiness(ch, "liveness") == SERVING
+    # The passive replica still answers if a gateway reaches it (it is synced), it just is not advertised.
+    with follower.channel() as ch:
+        assert route(ch, "facebook/opt-125m")[0] == f"127.0.0.93:{PORT}"
+    leader.stop()
+    wait_until(lambda: all(ready(follower)), timeout=10, what="the follower takes over")
