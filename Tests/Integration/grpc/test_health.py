@@ -247,9 +247,16 @@ def test_reference_chart_arguments_start_the_picker(epp_factory, tmp_path):
      "pluginRef ghost names no plugin"),
 ])
 def test_bad_reference_flags_stop_the_picker_with_a_clear_message(flags, message, tmp_path):
+    import socket
     import subprocess
-    from conftest import epp_binary, free_port
-    out = subprocess.run([str(epp_binary()), "--secure-serving=false", "--endpoints", "127.0.0.1:1",
+    from pathlib import Path
+
+    def free_port():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+    binary = os.environ.get("EPP_BINARY") or str(Path(__file__).resolve().parents[3] / ".build" / "debug" / "epp")
+    out = subprocess.run([binary, "--secure-serving=false", "--endpoints", "127.0.0.1:1",
                           "--grpc-port", str(free_port()), "--grpc-health-port", str(free_port()), "--metrics-port", "0"]
                          + flags, capture_output=True, text=True, timeout=30, cwd=tmp_path)
     assert out.returncode != 0
