@@ -2,11 +2,13 @@ import Dispatch
 import EPPMetrics
 import ExtProc
 import InferenceRouting
+import Kubernetes
 import Foundation
 import GRPCServer
 import Logging
 import ModelServerMetrics
 import NIOCore
+import NIOHTTP1
 import NIOPosix
 import OpenSSLTLS
 
@@ -78,7 +80,8 @@ final class EPPApp: Sendable {
         var metricsServer: MetricsServer?
         if let metrics {
             metricsServer = try await MetricsServer.start(host: options.bindAddress, port: options.metricsPort, group: group,
-                                                          logger: logger, exposition: metrics.exposition)
+                                                          logger: logger, authorize: metricsAuthorizer(options, source, logger),
+                                                          exposition: metrics.exposition)
         }
         var servers: [GRPCServer] = []
         for (name, config) in [("ext_proc", main), ("health", healthOnly)] {
@@ -142,12 +145,39 @@ final class EPPApp: Sendable {
         return config
     }
 
+    /// `--metrics-endpoint-auth` (default on in Kubernetes mode, as the reference): scrapers must send
+    /// a bearer token the API server accepts and that may `get` the non-resource path `/metrics`.
+    private static func metricsAuthorizer(_ options: EPPCommand, _ source: any RoutingSource,
+                                          _ logger: Logger) -> (@Sendable (HTTPHeaders) async -> MetricsAccess)? {
+        guard let k8s = source as? KubernetesSource else {
+            if options.metricsEndpointAuth == true {
+                logger.warning("--metrics-endpoint-auth needs the Kubernetes API (Kubernetes mode); /metrics is served without it")
+            }
+            return nil
+        }
+        guard options.metricsEndpointAuth ?? true else { return nil }
+        logger.info("metrics endpoint auth on: scrapers need a bearer token allowed to get /metrics")
+        let reviewer = AccessReviewer(client: k8s.client)
+        return { headers in
+            var token: String?
+            if let value = headers.first(name: "authorization"), value.lowercased().hasPrefix("bearer ") {
+                token = String(value.dropFirst(7)).trimmingCharacters(in: .whitespaces)
+            }
+            switch await reviewer.review(token: token, path: "/metrics") {
+            case .allowed: return .allow
+            case .unauthenticated(let why): return .deny(status: 401, message: "Unauthorized: \(why)")
+            case .forbidden(let user, _):
+                return .deny(status: 403, message: "Forbidden: user \"\(user)\" may not get /metrics")
+            case .unavailable(let why):
+                logger.warning("metrics access review failed", metadata: ["reason": "\(why)"])
+                return .deny(status: 500, message: "cannot review the token: \(why)")
+            }
+        }
+    }
+
     /// Reference flags accepted for its manifests' sake: say which ones change nothing here.
     private static func noteCompatibilityFlags(_ options: EPPCommand, logger: Logger) {
         if options.tracing { logger.warning("--tracing: OpenTelemetry tracing is not available in this picker; ignored") }
-        if options.metricsEndpointAuth == true {
-            logger.warning("--metrics-endpoint-auth: /metrics is served without authentication; restrict the port with a NetworkPolicy")
-        }
         if options.haEnableLeaderElection && (options.endpoints != nil || options.configDir != nil) {
             logger.warning("--ha-enable-leader-election applies in Kubernetes mode only; ignored")
         }

@@ -58,7 +58,7 @@ public struct EPPCommand: AsyncParsableCommand {
     @Option(help: .hidden) var zapStacktraceLevel: String?
     @Option(help: .hidden) var zapTimeEncoding: String?
     @Option(help: "OpenTelemetry tracing: not available here; true is logged and ignored.") var tracing = false
-    @Option(help: "Bearer-token auth on /metrics: not available here (restrict the port with a NetworkPolicy); true is logged.") var metricsEndpointAuth: Bool?
+    @Option(help: "Bearer-token auth on /metrics, as the reference: a TokenReview and a SubjectAccessReview (get /metrics) per token, cached; on by default in Kubernetes mode, unavailable standalone.") var metricsEndpointAuth: Bool?
     @Option(help: .hidden) var enablePprof = false
     @Option(help: .hidden) var healthChecking = false
     @Option(help: "Accepted: certificates in --cert-path are always reloaded when they change.") var enableCertReload = false

@@ -11,6 +11,8 @@ import NIOCore
 /// change becomes a new routing snapshot; readiness follows "synced".
 final class KubernetesSource: RoutingSource {
     let state: RoutingState
+    /// The API client (also used to review tokens of metrics scrapers).
+    let client: KubernetesClient
     private let watcher: PoolWatcher
     private let task = TaskBox()
 
@@ -23,6 +25,7 @@ final class KubernetesSource: RoutingSource {
         let poolName = options.poolName
         let poolGroup = options.poolGroup
         let client = KubernetesClient(config: cluster, eventLoopGroup: group, logger: logger)
+        self.client = client
         var config = PoolWatcherConfig(namespace: namespace, poolName: poolName, poolGroup: poolGroup)
         config.statusWriting = StatusWritingConfig(
             leaderElection: LeaderElectionConfig(namespace: namespace, leaseName: "epp-\(poolName)-status"))

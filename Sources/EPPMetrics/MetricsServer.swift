@@ -3,8 +3,16 @@ import NIOCore
 import NIOHTTP1
 import NIOPosix
 
+/// Whether a scrape may read the metrics.
+public enum MetricsAccess: Sendable, Equatable {
+    case allow
+    case deny(status: Int, message: String)
+}
+
 /// Serves `GET /metrics` (Prometheus text format 0.0.4) over plain HTTP/1.1, like the reference
-/// EPP's metrics port. Anything else gets 404 (or 405 for other methods on /metrics).
+/// EPP's metrics port. Anything else gets 404 (or 405 for other methods on /metrics). With
+/// `authorize`, each scrape's request headers are checked first (the reference's
+/// `--metrics-endpoint-auth`); requests on one connection are answered in order.
 public final class MetricsServer: Sendable {
     private let channel: any Channel
 
@@ -12,6 +20,7 @@ public final class MetricsServer: Sendable {
     public var port: Int { channel.localAddress?.port ?? 0 }
 
     public static func start(host: String, port: Int, group: any EventLoopGroup, logger: Logger,
+                             authorize: (@Sendable (HTTPHeaders) async -> MetricsAccess)? = nil,
                              exposition: @escaping @Sendable () -> [UInt8]) async throws -> MetricsServer {
         let channel = try await ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 64)
@@ -19,7 +28,7 @@ public final class MetricsServer: Sendable {
             .childChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
                     try channel.pipeline.syncOperations.configureHTTPServerPipeline(withErrorHandling: true)
-                    try channel.pipeline.syncOperations.addHandler(MetricsHandler(exposition: exposition))
+                    try channel.pipeline.syncOperations.addHandler(MetricsHandler(exposition: exposition, authorize: authorize))
                 }
             }
             .bind(host: host, port: port).get()
@@ -41,11 +50,19 @@ private final class MetricsHandler: ChannelInboundHandler {
     typealias OutboundOut = HTTPServerResponsePart
 
     private let exposition: @Sendable () -> [UInt8]
+    private let authorize: (@Sendable (HTTPHeaders) async -> MetricsAccess)?
     private var head: HTTPRequestHead?
+    /// Complete requests not answered yet (a check in progress holds the ones behind it).
+    private var waiting: [HTTPRequestHead] = []
+    private var checking = false
+    private var removed = false
 
-    init(exposition: @escaping @Sendable () -> [UInt8]) {
+    init(exposition: @escaping @Sendable () -> [UInt8], authorize: (@Sendable (HTTPHeaders) async -> MetricsAccess)?) {
         self.exposition = exposition
+        self.authorize = authorize
     }
+
+    func handlerRemoved(context: ChannelHandlerContext) { removed = true }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         switch unwrapInboundIn(data) {
@@ -56,7 +73,39 @@ private final class MetricsHandler: ChannelInboundHandler {
         case .end:
             guard let head else { return }
             self.head = nil
-            respond(to: head, context: context)
+            waiting.append(head)
+            next(context: context)
+        }
+    }
+
+    /// Answers the queued requests in order; a scrape waits for its access check.
+    private func next(context: ChannelHandlerContext) {
+        while !checking, !waiting.isEmpty {
+            let head = waiting.removeFirst()
+            let path = head.uri.split(separator: "?", maxSplits: 1).first.map(String.init) ?? head.uri
+            guard let authorize, path == "/metrics", head.method == .GET || head.method == .HEAD else {
+                respond(to: head, context: context)
+                continue
+            }
+            checking = true
+            let bound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+            let loop = context.eventLoop
+            let headers = head.headers
+            Task {
+                let access = await authorize(headers)
+                loop.execute {
+                    let (handler, context) = bound.value
+                    handler.checking = false
+                    guard !handler.removed else { return }  // the scraper went away meanwhile
+                    if case .deny(let status, let message) = access {
+                        handler.send(head: head, status: HTTPResponseStatus(statusCode: status), contentType: "text/plain; charset=utf-8",
+                                     body: context.channel.allocator.buffer(string: message + "\n"), context: context)
+                    } else {
+                        handler.respond(to: head, context: context)
+                    }
+                    handler.next(context: context)
+                }
+            }
         }
     }
 
@@ -76,6 +125,12 @@ private final class MetricsHandler: ChannelInboundHandler {
             status = .notFound
             body = context.channel.allocator.buffer(string: "not found: metrics are at /metrics\n")
         }
+        send(head: head, status: status, contentType: contentType, body: body, context: context)
+    }
+
+    private func send(head: HTTPRequestHead, status: HTTPResponseStatus, contentType: String, body: ByteBuffer,
+                      context: ChannelHandlerContext) {
+        guard context.channel.isActive else { return }
         var headers = HTTPHeaders()
         headers.add(name: "content-type", value: contentType)
         headers.add(name: "content-length", value: String(body.readableBytes))

@@ -27,6 +27,10 @@ exercise a list+watch client the way a real cluster does:
   `application/merge-patch+json`, also on the `/status` subresource), delete;
 * optional TLS (a CA and server certificate generated with the `openssl` CLI, see `generate_certs`)
   and bearer-token auth (401 without the token; client certificates signed by the CA also accepted).
+* TokenReview (`POST /apis/authentication.k8s.io/v1/tokenreviews`) and SubjectAccessReview
+  (`POST /apis/authorization.k8s.io/v1/subjectaccessreviews`, non-resource attributes) as a delegating
+  authenticator/authorizer uses them: the tokens and the users' allowed paths are set by the test
+  (`admin/config` `review_tokens`, `nonresource_allow`);
 
 A control API under `/admin/` (never authenticated) lets tests create/update/delete objects, drop all
 watch connections mid-stream, compact the history (forcing 410s), inject 401/403/404/5xx answers,
@@ -168,6 +172,9 @@ class State:
         self.continue_snapshots: dict[str, tuple[int, list]] = {}
         self.open_watches = 0
         self.connections = 0  # TCP connections accepted (clients should reuse keep-alive ones)
+        # TokenReview / SubjectAccessReview: token -> {"username", "groups"}; users allowed to get a path
+        self.review_tokens: dict[str, dict] = {}
+        self.nonresource_allow: dict[str, list[str]] = {}  # username -> allowed non-resource paths
 
     def collection(self, group, plural) -> Collection:
         key = (group, plural)
@@ -405,6 +412,10 @@ class Handler(BaseHTTPRequestHandler):
                 msg = "forbidden: injected" if code == 403 else f"injected {code}"
                 return self.send_json(code, status_obj(code, reason, msg))
             q = {k: v[0] for k, v in parse_qs(url.query).items()}
+            if method == "POST" and url.path == "/apis/authentication.k8s.io/v1/tokenreviews":
+                return self.token_review(self.read_body() or {})
+            if method == "POST" and url.path == "/apis/authorization.k8s.io/v1/subjectaccessreviews":
+                return self.access_review(self.read_body() or {})
             if url.path in ("/api", "/api/v1", "/apis", "/version", "/healthz"):
                 return self.send_json(200, {"kind": "APIVersions", "versions": ["v1"]})
             m = re.match(r"^/apis/([^/]+)(?:/([^/]+))?/?$", url.path)
@@ -465,6 +476,29 @@ class Handler(BaseHTTPRequestHandler):
                 self.send_json(500, status_obj(500, "InternalError", repr(exc)))
             except Exception:
                 pass
+
+    def token_review(self, review):
+        """As kube-apiserver: who the token is (status.authenticated, status.user), the spec echoed back."""
+        self.bump("tokenreview")
+        token = (review.get("spec") or {}).get("token", "")
+        with self.st.lock:
+            user = self.st.review_tokens.get(token)
+        status = {"authenticated": True, "user": {"username": user["username"], "uid": "uid-" + user["username"],
+                                                  "groups": user.get("groups", [])}} if user else \
+            {"authenticated": False, "error": "invalid bearer token"}
+        return self.send_json(201, {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+                                    "spec": review.get("spec") or {}, "status": status})
+
+    def access_review(self, review):
+        """As kube-apiserver: whether the user may use the verb on the non-resource path (status.allowed)."""
+        self.bump("subjectaccessreview")
+        spec = review.get("spec") or {}
+        attrs = spec.get("nonResourceAttributes") or {}
+        with self.st.lock:
+            allowed = attrs.get("verb") == "get" and attrs.get("path") in self.st.nonresource_allow.get(spec.get("user"), [])
+        status = {"allowed": True, "reason": "allowed by the test"} if allowed else {"allowed": False, "reason": "no rule"}
+        return self.send_json(201, {"apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview",
+                                    "spec": spec, "status": status})
 
     def selectors(self, q):
         return parse_label_selector(q.get("labelSelector", "")), parse_field_selector(q.get("fieldSelector", ""))
@@ -686,8 +720,10 @@ class Handler(BaseHTTPRequestHandler):
             if op == "clear-faults":
                 st.faults.clear()
                 return self.send_json(200, {})
-            if op == "config":  # any of expired_mode, watchlist_supported, bookmark_interval, split_events, token
-                for k in ("expired_mode", "watchlist_supported", "bookmark_interval", "split_events", "token"):
+            if op == "config":  # any of expired_mode, watchlist_supported, bookmark_interval, split_events, token,
+                # review_tokens, nonresource_allow
+                for k in ("expired_mode", "watchlist_supported", "bookmark_interval", "split_events", "token",
+                          "review_tokens", "nonresource_allow"):
                     if k in body:
                         setattr(st, k, body[k])
                 return self.send_json(200, {})

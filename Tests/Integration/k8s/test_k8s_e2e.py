@@ -467,3 +467,51 @@ def test_active_passive_with_ha_leader_election(cluster, epp_k8s):
         assert route(ch, "facebook/opt-125m")[0] == f"127.0.0.93:{PORT}"
     leader.stop()
     wait_until(lambda: all(ready(follower)), timeout=10, what="the follower takes over")
+
+
+def test_metrics_endpoint_auth(cluster, epp_k8s):
+    """As the reference's --metrics-endpoint-auth (on by default in Kubernetes mode): a scrape needs a bearer token
+    that the API server authenticates (TokenReview) and authorizes for `get /metrics` (SubjectAccessReview);
+    decisions are cached briefly; a review the API server fails is a 500, never an open door; =false serves anyone."""
+    import urllib.error
+    import urllib.request
+    c = cluster
+    c.pool()
+    c.pod("a", "127.0.0.94")
+    prometheus = "system:serviceaccount:monitoring:prometheus"
+    with c.st.lock:
+        c.st.review_tokens = {"prom-token": {"username": prometheus}, "prom-token-2": {"username": prometheus},
+                              "alice-token": {"username": "alice"}}
+        c.st.nonresource_allow = {prometheus: ["/metrics"]}
+    e = epp_k8s(name="metrics-auth")
+
+    def scrape(epp, token=None):
+        req = urllib.request.Request(f"http://127.0.0.1:{epp.metrics_port}/metrics")
+        if token:
+            req.add_header("Authorization", f"Bearer {token}")
+        try:
+            with urllib.request.urlopen(req, timeout=5) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as err:
+            return err.code, err.read().decode()
+
+    assert scrape(e)[0] == 401
+    assert scrape(e, "bogus")[0] == 401
+    status, body = scrape(e, "alice-token")
+    assert status == 403 and "alice" in body, (status, body)
+    status, body = scrape(e, "prom-token")
+    assert status == 200 and "# TYPE" in body, (status, body[:200])
+    with c.st.lock:
+        reviews = (c.st.requests.get("tokenreview", 0), c.st.requests.get("subjectaccessreview", 0))
+    for _ in range(5):
+        assert scrape(e, "prom-token")[0] == 200
+    with c.st.lock:
+        assert (c.st.requests.get("tokenreview", 0), c.st.requests.get("subjectaccessreview", 0)) == reviews, "cached"
+    # The API server fails the review once: that scrape gets 500 (not the metrics), the next one gets them.
+    c.srv.state.faults.append({"match": "/tokenreviews$", "code": 500, "count": 1, "method": None, "watch": None})
+    assert scrape(e, "prom-token-2")[0] == 500
+    assert scrape(e, "prom-token-2")[0] == 200
+    assert e.alive()
+
+    open_epp = epp_k8s(extra=["--metrics-endpoint-auth=false"], name="metrics-open")
+    assert scrape(open_epp)[0] == 200
