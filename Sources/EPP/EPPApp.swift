@@ -63,7 +63,8 @@ final class EPPApp: Sendable {
         }
         // No metrics listener → nothing recorded on the request path either.
         let metrics = options.metricsPort > 0
-            ? InferenceMetrics(poolName: options.poolName, state: source.state, loadPolicy: extProc.loadPolicy) : nil
+            ? InferenceMetrics(poolName: options.poolName, state: source.state, loadPolicy: extProc.loadPolicy,
+                               admissionQueue: extProc.admissionQueue) : nil
         var mainServices: [any GRPCService] = [
             HealthService(store: health),
             ExtProcService(configuration: extProc, state: source.state, logger: logger, observer: metrics),

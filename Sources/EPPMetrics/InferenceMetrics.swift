@@ -21,14 +21,19 @@ public final class InferenceMetrics: ExtProcObserver, Sendable {
     private let averageKVCache: Gauge
     /// What counts as a fresh load sample (the picker's policy); off → the averages stay 0.
     private let loadPolicy: LoadPolicy
+    /// The admission queue whose waiters `inference_extension_flow_control_queue_size` counts.
+    private let admissionQueue: AdmissionQueue?
+    private let queueGauges = NIOLockedValueBox<[AdmissionQueue.Group: Gauge]>([:])
+    private let queueDurations = NIOLockedValueBox<[QueueDurationKey: ValueHistogram]>([:])
     /// Model names come from clients: past this many label sets, new ones are counted under
     /// `model_name="other"` so that a client sending random names cannot grow memory without bound.
     public let maxSeries: Int
     static let overflowLabel = "other"
 
     public init(poolName: String, state: RoutingState, registry: PrometheusCollectorRegistry = .init(),
-                maxSeries: Int = 500, loadPolicy: LoadPolicy = .off) {
+                maxSeries: Int = 500, loadPolicy: LoadPolicy = .off, admissionQueue: AdmissionQueue? = nil) {
         self.registry = registry
+        self.admissionQueue = admissionQueue
         self.loadPolicy = loadPolicy
         self.poolName = poolName
         self.state = state
@@ -80,6 +85,32 @@ public final class InferenceMetrics: ExtProcObserver, Sendable {
         }
     }
 
+    /// `inference_extension_flow_control_request_queue_duration_seconds`, as the reference's flow
+    /// control reports it (waits only; a request refused because the queue was full never waited).
+    public func requestLeftQueue(_ request: QueuedRequest) {
+        var key = QueueDurationKey(priority: request.priority, fairnessID: request.fairnessID, outcome: request.outcome.rawValue,
+                                   model: request.model ?? "", target: request.targetModel ?? "")
+        let histogram: ValueHistogram = queueDurations.withLockedValue { table in
+            if let h = table[key] { return h }
+            if table.count >= maxQueueSeries {
+                key = QueueDurationKey(priority: request.priority, fairnessID: Self.overflowLabel, outcome: key.outcome,
+                                       model: Self.overflowLabel, target: Self.overflowLabel)
+                if let h = table[key] { return h }
+            }
+            let h = registry.makeValueHistogram(descriptor: metric("inference_extension_flow_control_request_queue_duration_seconds",
+                "Time a request spent in the flow-control (admission) queue, by outcome."),
+                labels: [("fairness_id", key.fairnessID), ("priority", String(key.priority)), ("outcome", key.outcome),
+                         ("inference_pool", poolName), ("model_name", key.model), ("target_model_name", key.target)],
+                buckets: Buckets.queueDuration)
+            table[key] = h
+            return h
+        }
+        histogram.record(request.waited.seconds)
+    }
+
+    /// Label sets of the queue metrics kept at most (model names come from clients).
+    let maxQueueSeries = 200
+
     /// The series of a label set, made on first use; past `maxSeries`, the overflow series.
     private func series(_ key: SeriesKey) -> Series {
         series.withLockedValue { table in
@@ -105,6 +136,7 @@ public final class InferenceMetrics: ExtProcObserver, Sendable {
         let load = endpoints.averageLoad(policy: loadPolicy, now: MonotonicClock.nanoseconds)
         averageQueue.set(load?.queue ?? 0)
         averageKVCache.set(load?.kvCache ?? 0)
+        updateQueueSizes()
         var out: [UInt8] = []
         out.reserveCapacity(16 << 10)
         registry.emit(into: &out)
@@ -112,6 +144,31 @@ public final class InferenceMetrics: ExtProcObserver, Sendable {
         SeriesHistograms.emit(all.sorted { $0.renderedLabels.lexicographicallyPrecedes($1.renderedLabels) }, into: &out)
         emitPerPodQueues(endpoints, into: &out)
         return out
+    }
+
+    /// `inference_extension_flow_control_queue_size` per priority, objective and model: the
+    /// requests waiting now. A label set seen once stays, at 0 when its waiters are gone, so
+    /// autoscalers summing it (scale from zero on queued demand) see 0 rather than no data.
+    private func updateQueueSizes() {
+        guard let admissionQueue else { return }
+        var sizes: [AdmissionQueue.Group: Int] = [:]
+        queueGauges.withLockedValue { gauges in
+            for (group, n) in admissionQueue.sizes() {
+                var g = group
+                if gauges[g] == nil && gauges.count >= maxQueueSeries {
+                    g = AdmissionQueue.Group(priority: group.priority, fairnessID: Self.overflowLabel,
+                                             model: Self.overflowLabel, targetModel: Self.overflowLabel)
+                }
+                sizes[g, default: 0] += n
+                if gauges[g] == nil {
+                    gauges[g] = registry.makeGauge(descriptor: metric("inference_extension_flow_control_queue_size",
+                        "Number of requests waiting in the flow-control (admission) queue."),
+                        labels: [("fairness_id", g.fairnessID), ("priority", String(g.priority)), ("inference_pool", poolName),
+                                 ("model_name", g.model), ("target_model_name", g.targetModel)])
+                }
+            }
+            for (g, gauge) in gauges { gauge.set(Int64(sizes[g] ?? 0)) }
+        }
     }
 
     /// `inference_pool_per_pod_queue_size{name, model_server_pod}` (the reference's per-pod gauge):
@@ -160,6 +217,14 @@ public final class InferenceMetrics: ExtProcObserver, Sendable {
     }
 }
 
+private struct QueueDurationKey: Hashable, Sendable {
+    var priority: Int
+    var fairnessID: String
+    var outcome: String
+    var model: String
+    var target: String
+}
+
 private struct SeriesKey: Hashable, Sendable {
     var model: String
     var target: String
@@ -195,6 +260,7 @@ func metric(_ name: String, _ help: String) -> MetricNameDescriptor {
 }
 
 enum Buckets {
+    static let queueDuration: [Double] = [0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300]
     static let requestDuration: [Double] = [
         0.005, 0.025, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1, 1.25, 1.5, 2, 3, 4, 5, 6, 8, 10, 15, 20, 30, 45, 60, 120, 180,
         240, 300, 360, 480, 600, 900, 1200, 1800, 2700, 3600,

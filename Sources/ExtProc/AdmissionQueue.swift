@@ -26,6 +26,8 @@ public final class AdmissionQueue: Sendable {
         let priority: Int
         let flow: String
         let rank: Int
+        let model: String?
+        let targetModel: String?
         /// Skipped as first in line until then (its own check found no room).
         var blockedUntil: NIODeadline = .distantPast
         let takeTurn: @Sendable () -> Void
@@ -58,16 +60,43 @@ public final class AdmissionQueue: Sendable {
     /// Requests waiting now.
     public var count: Int { state.withLockedValue { $0.waiters.count } }
 
+    /// Requests waiting now per priority, objective and model (the flow-control queue-size gauge).
+    public struct Group: Hashable, Sendable {
+        public var priority: Int
+        public var fairnessID: String
+        public var model: String
+        public var targetModel: String
+
+        public init(priority: Int, fairnessID: String, model: String, targetModel: String) {
+            self.priority = priority
+            self.fairnessID = fairnessID
+            self.model = model
+            self.targetModel = targetModel
+        }
+    }
+
+    public func sizes() -> [Group: Int] {
+        state.withLockedValue { s in
+            var out: [Group: Int] = [:]
+            for w in s.waiters {
+                out[Group(priority: w.priority, fairnessID: w.flow, model: w.model ?? "", targetModel: w.targetModel ?? ""), default: 0] += 1
+            }
+            return out
+        }
+    }
+
     /// Takes a place in line; nil when the queue is full. `takeTurn` runs the waiter's admission
     /// check when another waiter hands it the turn.
-    func enter(priority: Int, flow: String, takeTurn: @escaping @Sendable () -> Void) -> Int? {
+    func enter(priority: Int, flow: String, model: String? = nil, targetModel: String? = nil,
+               takeTurn: @escaping @Sendable () -> Void) -> Int? {
         state.withLockedValue { s in
             guard s.waiters.count < capacity else { return nil }
             let id = s.nextID
             s.nextID += 1
             let rank = max((s.flowRanks[flow] ?? -1) + 1, s.servedRank)
             s.flowRanks[flow] = rank
-            let w = Waiter(id: id, priority: priority, flow: flow, rank: rank, takeTurn: takeTurn)
+            let w = Waiter(id: id, priority: priority, flow: flow, rank: rank, model: model, targetModel: targetModel,
+                           takeTurn: takeTurn)
             let at = s.waiters.firstIndex { w.precedes($0) } ?? s.waiters.endIndex
             s.waiters.insert(w, at: at)
             return id

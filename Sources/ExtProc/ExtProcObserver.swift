@@ -45,6 +45,28 @@ public struct RequestOutcome: Sendable {
     }
 }
 
+/// How a request's wait in the admission queue ended (the reference flow control's outcome names).
+public enum QueueOutcome: String, Sendable {
+    case dispatched = "Dispatched"
+    /// Waited `--sheddable-queue-timeout` without room: 429.
+    case evictedTTL = "EvictedTTL"
+    /// The gateway cancelled the stream (client gone) while it waited.
+    case evictedContextCancelled = "EvictedContextCancelled"
+    /// Refused for another reason while waiting (e.g. its body proved invalid).
+    case evictedOther = "EvictedOther"
+}
+
+/// A request that waited in the admission queue.
+public struct QueuedRequest: Sendable {
+    public var priority: Int
+    /// The InferenceObjective (the fairness unit), "" without one.
+    public var fairnessID: String
+    public var model: String?
+    public var targetModel: String?
+    public var waited: TimeAmount
+    public var outcome: QueueOutcome
+}
+
 /// Receives request outcomes (e.g. to export metrics). Called on the connection's event loop, on
 /// the request path: implementations must not block and should do O(1) work. Class-bound, so a
 /// stream holds it as one reference (copying a protocol existential per use showed in profiles).
@@ -56,4 +78,10 @@ public protocol ExtProcObserver: AnyObject, Sendable {
     /// The stream ended; `outcome.result` says how. Called exactly once per stream that had request
     /// headers; `routed` is what `requestRouted` returned (nil when the request was never routed).
     func requestEnded(_ outcome: RequestOutcome, wasRouted: Bool, routed: AnyObject?)
+    /// A request left the admission queue (only requests that waited).
+    func requestLeftQueue(_ request: QueuedRequest)
+}
+
+extension ExtProcObserver {
+    public func requestLeftQueue(_ request: QueuedRequest) {}
 }

@@ -46,6 +46,7 @@ final class ProcessStream: GRPCStreamHandler {
     /// since when, and the next re-check.
     private var queuedSince: NIODeadline?
     private var admissionTicket = -1
+    private var admissionPriority = 0
     private var admissionCheck: Scheduled<Void>?
     /// Request trailers that came while waiting: answered after the routing and the held body.
     private var requestTrailersPending = false
@@ -145,7 +146,7 @@ final class ProcessStream: GRPCStreamHandler {
     private func release() {
         endpoint?.end()
         endpoint = nil
-        leaveAdmissionQueue()
+        if queuedSince != nil { leaveAdmissionQueue(done ? .evictedOther : .evictedContextCancelled) }
     }
 
     // MARK: Request headers
@@ -726,7 +727,9 @@ final class ProcessStream: GRPCStreamHandler {
             }
         }
         let priority = snapshot?.objectives.priority(for: info.objective) ?? -1
-        guard let ticket = queue.enter(priority: priority, flow: objective, takeTurn: turn) else { return false }
+        guard let ticket = queue.enter(priority: priority, flow: objective, model: clientModel, targetModel: targetModel,
+                                       takeTurn: turn) else { return false }
+        admissionPriority = priority
         admissionTicket = ticket
         queuedSince = .now()
         scheduleAdmissionCheck(stream, queue)
@@ -753,12 +756,13 @@ final class ProcessStream: GRPCStreamHandler {
             if saturated && info.subset != nil { queue.noRoom(admissionTicket) }
             let waited = NIODeadline.now() - since
             if waited >= queue.timeout {
+                leaveAdmissionQueue(.evictedTTL)
                 return fail(.queueTimeout(objective: info.objective ?? "", waited: waited), stream)
             }
             if admissionCheck == nil { scheduleAdmissionCheck(stream, queue) }
             return
         }
-        leaveAdmissionQueue(admitted: true)
+        leaveAdmissionQueue(.dispatched)
         if requestMode == .fullDuplexStreamed {
             routeAndFlushHeld(stream)
         } else {
@@ -770,12 +774,15 @@ final class ProcessStream: GRPCStreamHandler {
         }
     }
 
-    private func leaveAdmissionQueue(admitted: Bool = false) {
+    private func leaveAdmissionQueue(_ outcome: QueueOutcome) {
         admissionCheck?.cancel()
         admissionCheck = nil
-        if queuedSince != nil {
+        if let since = queuedSince {
             queuedSince = nil
-            configuration.admissionQueue?.leave(admissionTicket, admitted: admitted)
+            configuration.admissionQueue?.leave(admissionTicket, admitted: outcome == .dispatched)
+            observer?.requestLeftQueue(QueuedRequest(priority: admissionPriority, fairnessID: info.objective ?? "",
+                                                     model: clientModel, targetModel: targetModel,
+                                                     waited: .now() - since, outcome: outcome))
         }
     }
 

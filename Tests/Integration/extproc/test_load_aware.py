@@ -510,6 +510,8 @@ def test_sheddable_requests_wait_for_room(epp_factory, backends):
         waiters = [await open_batch(ch) for _ in range(2)]
         for w in waiters:
             assert await w.no_reply_within(0.2)
+        out["queued gauge"] = await asyncio.to_thread(epp_sum, epp, "inference_extension_flow_control_queue_size",
+                                                      fairness_id="batch", priority="-1", inference_pool=POOL)
         t0 = time.monotonic()
         third = await open_batch(ch)
         out["third reply"] = await third.recv(timeout=5)
@@ -563,6 +565,12 @@ def test_sheddable_requests_wait_for_room(epp_factory, backends):
         out["critical"] = await exchange(ch, objective_name="critical")
         return out
     out = run(epp, go)
+    # The reference flow control's metrics: how many wait now, and how each wait ended.
+    assert out["queued gauge"] == 2, out["queued gauge"]
+    assert epp_sum(epp, "inference_extension_flow_control_queue_size") == 0
+    waits = {o: epp_sum(epp, "inference_extension_flow_control_request_queue_duration_seconds_count", outcome=o)
+             for o in ("Dispatched", "EvictedTTL", "EvictedContextCancelled")}
+    assert waits == {"Dispatched": 5, "EvictedTTL": 1, "EvictedContextCancelled": 1}, waits
     assert out["quiet while saturated"], "a sheddable request got an answer while the pool was saturated"
     assert out["admitted reply"] == "request_headers" and out["admitted dest"] in [b.address for b in backends], out
     assert 0.5 <= out["admitted after"] < 5, out
