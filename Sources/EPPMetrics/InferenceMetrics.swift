@@ -9,7 +9,7 @@ import Prometheus
 ///
 /// Request-path cost: each request looks its label set up once in a small locked dictionary (no
 /// registry lookup, no allocation after the first request of a model/target pair) and bumps atomic
-/// counters and its seven histograms under one lock (`SeriesHistograms`). Everything else happens
+/// counters and its eight histograms under one lock (`SeriesHistograms`). Everything else happens
 /// when Prometheus scrapes.
 public final class InferenceMetrics: ExtProcObserver, Sendable {
     public let registry: PrometheusCollectorRegistry
@@ -70,6 +70,8 @@ public final class InferenceMetrics: ExtProcObserver, Sendable {
                 observed[.inputTokens] = usage.promptTokens.map(Double.init)
                 observed[.outputTokens] = usage.completionTokens.map(Double.init)
                 observed[.cachedTokens] = usage.cachedTokens.map(Double.init)
+                // NTPOT, as the reference: the whole latency over the output tokens.
+                if let out = usage.completionTokens, out > 0 { observed[.timePerOutputToken] = outcome.duration.seconds / Double(out) }
             }
         }
         s.histograms.record(observed)
@@ -268,6 +270,8 @@ enum Buckets {
     static let pickDuration: [Double] = [0.000_01, 0.000_05, 0.000_1, 0.000_2, 0.000_5, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1]
     /// Bytes: 64 B … 1 GiB in powers of two.
     static let sizes: [Double] = (6...30).map { Double(1 << $0) }
+    /// Seconds per output token: a millisecond to ten seconds.
+    static let timePerOutputToken: [Double] = [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10]
     /// Tokens: 1, then 8 … 1Mi in powers of two.
     static let tokens: [Double] = [1] + (3...20).map { Double(1 << $0) }
 }

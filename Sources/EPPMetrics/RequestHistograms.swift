@@ -4,12 +4,12 @@ import NIOConcurrencyHelpers
 ///
 /// They are kept here rather than as swift-prometheus `Histogram`s because of their cost on the
 /// request path: that type takes one lock per histogram and walks every bucket on each record
-/// (seven histograms, ~150 buckets per request), which measured a tenth of a whole request's CPU
-/// in bench (a). Here one request takes one lock for all seven, finds each bucket by binary search
+/// (eight histograms, ~160 buckets per request), which measured a tenth of a whole request's CPU
+/// in bench (a). Here one request takes one lock for all eight, finds each bucket by binary search
 /// and bumps one counter; buckets are summed into Prometheus' cumulative form when scraped. The
 /// exposition is the one swift-prometheus writes for a `ValueHistogram`.
 enum RequestHistogram: Int, CaseIterable, Sendable {
-    case duration, pickDuration, requestSizes, responseSizes, inputTokens, outputTokens, cachedTokens
+    case duration, pickDuration, requestSizes, responseSizes, inputTokens, outputTokens, cachedTokens, timePerOutputToken
 
     var name: String { Self.families[rawValue].name }
     var help: String { Self.families[rawValue].help }
@@ -33,6 +33,9 @@ enum RequestHistogram: Int, CaseIterable, Sendable {
          "Inference objective output token count distribution for requests in each model.", Buckets.tokens),
         ("inference_objective_prompt_cached_tokens",
          "Inference objective prompt cached token count distribution for requests in each model.", Buckets.tokens),
+        ("inference_objective_normalized_time_per_output_token_seconds",
+         "Inference objective latency divided by number of output tokens in seconds for each model and target model.",
+         Buckets.timePerOutputToken),
     ]
 
     /// One counter per bound plus one for values above every bound.
@@ -62,7 +65,7 @@ enum RequestHistogram: Int, CaseIterable, Sendable {
 
 /// What one finished request adds to its series' histograms; nil leaves a histogram untouched.
 struct RequestObservation {
-    var values: (Double?, Double?, Double?, Double?, Double?, Double?, Double?) = (nil, nil, nil, nil, nil, nil, nil)
+    var values: (Double?, Double?, Double?, Double?, Double?, Double?, Double?, Double?) = (nil, nil, nil, nil, nil, nil, nil, nil)
 
     subscript(_ h: RequestHistogram) -> Double? {
         get {
@@ -74,6 +77,7 @@ struct RequestObservation {
             case .inputTokens: values.4
             case .outputTokens: values.5
             case .cachedTokens: values.6
+            case .timePerOutputToken: values.7
             }
         }
         set {
@@ -85,12 +89,13 @@ struct RequestObservation {
             case .inputTokens: values.4 = newValue
             case .outputTokens: values.5 = newValue
             case .cachedTokens: values.6 = newValue
+            case .timePerOutputToken: values.7 = newValue
             }
         }
     }
 }
 
-/// The seven request histograms of one label set.
+/// The eight request histograms of one label set.
 final class SeriesHistograms: Sendable {
     private struct State {
         /// Per histogram (at its `offset`): observations per bucket, not cumulative.

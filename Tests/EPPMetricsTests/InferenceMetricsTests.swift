@@ -69,6 +69,10 @@ final class InferenceMetricsTests: XCTestCase {
         XCTAssertEqual(s["inference_objective_request_duration_seconds_bucket{\(labels),le=\"0.1\"}"], "0")
         XCTAssertEqual(s["inference_objective_request_duration_seconds_bucket{\(labels),le=\"0.2\"}"], "3")
         XCTAssertEqual(s["inference_extension_scheduler_e2e_duration_seconds_count{\(labels)}"], "3")
+        // NTPOT: 120 ms over 7 output tokens ≈ 17 ms per token, in the (0.01, 0.02] bucket.
+        XCTAssertEqual(s["inference_objective_normalized_time_per_output_token_seconds_count{\(labels)}"], "3")
+        XCTAssertEqual(s["inference_objective_normalized_time_per_output_token_seconds_bucket{\(labels),le=\"0.01\"}"], "0")
+        XCTAssertEqual(s["inference_objective_normalized_time_per_output_token_seconds_bucket{\(labels),le=\"0.02\"}"], "3")
         XCTAssertEqual(s[#"inference_objective_running_requests{model_name="opt-stable"}"#], "0.0")
         XCTAssertEqual(s[#"inference_pool_ready_pods{name="vllm-pool"}"#], "3.0")
     }
