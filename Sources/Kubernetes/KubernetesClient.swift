@@ -130,6 +130,16 @@ public final class KubernetesClient: Sendable {
 
     /// A new keep-alive connection for `send`.
     private func connect() async throws -> KeepAliveConnection {
+        try await openConnection { channel in
+            let collector = ResponseCollector()
+            try channel.pipeline.syncOperations.addHandler(collector)
+            return KeepAliveConnection(channel: channel, collector: collector)
+        }
+    }
+
+    /// Connects to the API server with TLS (when configured) and the HTTP/1.1 client codec; `finish`
+    /// adds what the caller needs on top, on the channel's event loop, and makes its handle.
+    private func openConnection<Output: Sendable>(_ finish: @escaping @Sendable (any Channel) throws -> Output) async throws -> Output {
         let makeTLS = try tlsHandlerFactory(config: config)
         do {
             return try await ClientBootstrap(group: group)
@@ -142,9 +152,7 @@ public final class KubernetesClient: Sendable {
                             try channel.pipeline.syncOperations.addHandler(makeTLS())
                         }
                         try channel.pipeline.syncOperations.addHTTPClientHandlers()
-                        let collector = ResponseCollector()
-                        try channel.pipeline.syncOperations.addHandler(collector)
-                        return KeepAliveConnection(channel: channel, collector: collector)
+                        return try finish(channel)
                     }
                 }
         } catch {
@@ -196,29 +204,11 @@ public final class KubernetesClient: Sendable {
     /// closed when `handle` returns (or throws). The whole exchange is bounded by `timeout`.
     public func stream<R: Sendable>(_ request: Request, timeout: TimeAmount,
                                     _ handle: (HTTPResponseHead, inout BodyReader) async throws -> R) async throws -> R {
-        let config = self.config
-        // Everything that can fail comes before the connection exists: once the NIOAsyncChannel is made it
-        // must go through executeThenClose (a dropped NIOAsyncChannel traps in NIO).
-        let makeTLS = try tlsHandlerFactory(config: config)
+        // Everything that can fail comes before the NIOAsyncChannel exists (the TLS setup too, in
+        // openConnection): once made it must go through executeThenClose (a dropped one traps in NIO).
         let headers = try makeHeaders(request, keepAlive: false)
-        let channel: NIOAsyncChannel<HTTPClientResponsePart, HTTPClientRequestPart>
-        do {
-            channel = try await ClientBootstrap(group: group)
-                .connectTimeout(connectTimeout)
-                .channelOption(.socketOption(.so_keepalive), value: 1)
-                .channelOption(.tcpOption(.tcp_nodelay), value: 1)
-                .connect(host: config.host, port: config.port) { channel in
-                    channel.eventLoop.makeCompletedFuture {
-                        if let makeTLS {
-                            try channel.pipeline.syncOperations.addHandler(makeTLS())
-                        }
-                        try channel.pipeline.syncOperations.addHTTPClientHandlers()
-                        return try NIOAsyncChannel<HTTPClientResponsePart, HTTPClientRequestPart>(
-                            wrappingChannelSynchronously: channel)
-                    }
-                }
-        } catch {
-            throw KubernetesError.connectionClosed("cannot connect to \(config.serverURL): \(error)")
+        let channel = try await openConnection { channel in
+            try NIOAsyncChannel<HTTPClientResponsePart, HTTPClientRequestPart>(wrappingChannelSynchronously: channel)
         }
         let underlying = channel.channel
         let deadline = underlying.eventLoop.scheduleTask(in: timeout) {

@@ -1,25 +1,11 @@
+import Foundation
 import XCTest
 @testable import InferenceRouting
 
 final class EndpointPickerConfigTests: XCTestCase {
-    /// The reference Helm chart's default-plugins.yaml.
-    let chartDefault = """
-    apiVersion: inference.networking.x-k8s.io/v1alpha1
-    kind: EndpointPickerConfig
-    plugins:
-    - type: queue-scorer
-    - type: kv-cache-utilization-scorer
-    - type: prefix-cache-scorer
-    schedulingProfiles:
-    - name: default
-      plugins:
-      - pluginRef: queue-scorer
-        weight: 2
-      - pluginRef: kv-cache-utilization-scorer
-        weight: 2
-      - pluginRef: prefix-cache-scorer
-        weight: 3
-    """
+    /// The reference Helm chart's default-plugins.yaml (shared with the integration tests).
+    let chartDefault = try! String(contentsOf: URL(fileURLWithPath: #filePath).deletingLastPathComponent()
+        .deletingLastPathComponent().appendingPathComponent("Fixtures/reference-chart-default-plugins.yaml"), encoding: .utf8)
 
     func testTheReferenceChartsDefaultGivesItsWeights() throws {
         let c = try EndpointPickerConfig.parse(chartDefault)

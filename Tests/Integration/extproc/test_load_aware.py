@@ -265,27 +265,32 @@ async def settled(epp, queue, kv):
 
 # -- tests ------------------------------------------------------------------------------------------------------
 
-def test_traffic_follows_load(lb_epp, backends):
-    a, b = backends
+def follow_flip(epp, a, b, n):
+    """A light and B heavy, then the reverse: each phase's `n` requests all go to the light one. Every mix of old
+    and new samples on the way favours the new winner too (A 10 is worse than B's old 8, B 0/0.0 beats A's old
+    0/0.1), so no state in between sends traffic back. Returns both phases' outcomes."""
     set_load(a, waiting=0, kv=0.1)
     set_load(b, waiting=8, kv=0.9)
-    scrapes = [backend_stats(x)["metrics_scrapes"] for x in backends]
 
     async def go(ch):
-        await settled(lb_epp, 4.0, 0.5)
+        await settled(epp, 4.0, 0.5)
         await poll(ch, to(a.address), streak=3, what=f"routing to A ({a.address})")
-        first = await paced(ch, 40)
-        # Every mix of old and new samples favours B too (A 10 is worse than B's old 8, B 0/0.0 beats A's
-        # old 0/0.1), so no state on the way sends traffic back to A.
+        first = await paced(ch, n)
         set_load(a, waiting=10, kv=0.95)
         set_load(b, waiting=0, kv=0.0)
-        await settled(lb_epp, 5.0, 0.475)
+        await settled(epp, 5.0, 0.475)
         await poll(ch, to(b.address), streak=3, what=f"routing to B ({b.address}) after the flip")
-        second = await paced(ch, 40)
-        return first, second
-    first, second = run(lb_epp, go)
-    assert_all_to(first, a.address, lb_epp)
-    assert_all_to(second, b.address, lb_epp)
+        return first, await paced(ch, n)
+    first, second = run(epp, go)
+    assert_all_to(first, a.address, epp)
+    assert_all_to(second, b.address, epp)
+    return first, second
+
+
+def test_traffic_follows_load(lb_epp, backends):
+    a, b = backends
+    scrapes = [backend_stats(x)["metrics_scrapes"] for x in backends]
+    first, second = follow_flip(lb_epp, a, b, 40)
     assert all(o.code == grpc.StatusCode.OK for o in first + second)
     # Scraping is on by default: both backends' /metrics were read meanwhile.
     assert all(backend_stats(x)["metrics_scrapes"] > s for x, s in zip(backends, scrapes))
@@ -735,22 +740,7 @@ def test_other_model_servers_through_the_metric_flags(epp_factory, tmp_path_fact
     st, (a, b) = start_backends(tmp_path_factory, ["127.0.0.47", "127.0.0.48"], f"lb-{flavor}", metrics_flavor=flavor)
     try:
         epp = epp_factory(extra=flags, endpoints=[a.address, b.address], rules=RULES, name=f"epp-{flavor}")
-        set_load(a, waiting=0, kv=0.1)
-        set_load(b, waiting=8, kv=0.9)
-
-        async def go(ch):
-            await settled(epp, 4.0, 0.5)
-            await poll(ch, to(a.address), streak=3, what=f"routing to A ({a.address})")
-            first = await paced(ch, 20)
-            set_load(a, waiting=10, kv=0.95)
-            set_load(b, waiting=0, kv=0.0)
-            await settled(epp, 5.0, 0.475)
-            await poll(ch, to(b.address), streak=3, what=f"routing to B ({b.address}) after the flip")
-            second = await paced(ch, 20)
-            return first, second
-        first, second = run(epp, go)
-        assert_all_to(first, a.address, epp)
-        assert_all_to(second, b.address, epp)
+        follow_flip(epp, a, b, 20)
         epp.stop()
 
         plain = epp_factory(endpoints=[a.address, b.address], rules=RULES, name=f"epp-{flavor}-vllm-names")

@@ -6,6 +6,7 @@ import os
 import shutil
 import ssl
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -202,22 +203,7 @@ def test_cert_reload(epp_factory, tmp_path, style, cert_factory, served_cert):
 
 # The reference EPP's Helm chart (config/charts/inferencepool) runs its image with these arguments and probes the
 # health service "inference-extension"; swapping the image for this picker must just work.
-CHART_CONFIG = """apiVersion: inference.networking.x-k8s.io/v1alpha1
-kind: EndpointPickerConfig
-plugins:
-- type: queue-scorer
-- type: kv-cache-utilization-scorer
-- type: prefix-cache-scorer
-schedulingProfiles:
-- name: default
-  plugins:
-  - pluginRef: queue-scorer
-    weight: 2
-  - pluginRef: kv-cache-utilization-scorer
-    weight: 2
-  - pluginRef: prefix-cache-scorer
-    weight: 3
-"""
+CHART_CONFIG = (Path(__file__).resolve().parents[2] / "Fixtures" / "reference-chart-default-plugins.yaml").read_text()
 
 
 def test_reference_chart_arguments_start_the_picker(epp_factory, tmp_path):
@@ -249,7 +235,6 @@ def test_reference_chart_arguments_start_the_picker(epp_factory, tmp_path):
 def test_bad_reference_flags_stop_the_picker_with_a_clear_message(flags, message, tmp_path):
     import socket
     import subprocess
-    from pathlib import Path
 
     def free_port():
         with socket.socket() as s:
