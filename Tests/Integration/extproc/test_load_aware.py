@@ -639,6 +639,68 @@ def test_waiting_requests_get_room_by_priority_then_fairly_between_objectives(ep
     assert epp.poll() is None, epp.tail()
 
 
+def test_admission_queue_under_churn(epp_factory, backends):
+    """300 sheddable requests of three objectives wait in a saturated pool while a third of them are cancelled
+    at random moments and room opens a little at a time: every stream ends either routed or cancelled, none is
+    answered twice or lost, the EPP keeps serving, and the queue gauge returns to 0 (no waiter is leaked)."""
+    import random
+    rules = RULES + "---\n" + objective("other", -1) + "---\n" + objective("bulk", -5)
+    epp = epp_factory(extra=["--sheddable-queue-timeout", "30", "--sheddable-queue-capacity", "400"],
+                      endpoints=[b.address for b in backends], rules=rules, name="epp-queue-churn")
+    a, b = backends
+    rng = random.Random(7)
+
+    async def go(ch):
+        for x in backends:
+            set_load(x, waiting=10)
+        await settled(epp, 10.0, 0.0)
+        streams = []
+        for i in range(300):
+            s = Stream(ch)
+            body = json.dumps({"model": "opt-stable", "prompt": f"churn {i}"}).encode()
+            await s.send(req_headers(headers={OBJECTIVE_HEADER: ("batch", "other", "bulk")[i % 3]}), req_body(body, eos=True))
+            streams.append(s)
+        doomed = set(rng.sample(range(300), 100))
+
+        async def cancel_later(i):
+            await asyncio.sleep(rng.uniform(0, 1.5))
+            streams[i].call.cancel()
+
+        async def outcome(i):
+            try:
+                r = await streams[i].recv(timeout=30)
+            except (asyncio.CancelledError, grpc.aio.AioRpcError):
+                return "cancelled"
+            if r is None:
+                return "ended"
+            return "routed" if kind(r) == "request_headers" and destination(r)[0] else f"other {r}"
+        waits = [asyncio.ensure_future(outcome(i)) for i in range(300)]
+        cancels = [asyncio.ensure_future(cancel_later(i)) for i in doomed]
+        # Room opens gradually: first one request's worth on B, then the load goes away.
+        await asyncio.sleep(0.3)
+        set_load(a, waiting=5)
+        set_load(b, waiting=4)
+        await asyncio.sleep(1.0)
+        for x in backends:
+            set_load(x)
+        await asyncio.gather(*cancels)
+        results = await asyncio.gather(*waits)
+        for s in streams:
+            s.call.cancel()
+        return results, doomed
+    results, doomed = run(epp, go, timeout=90)
+    routed = [i for i, r in enumerate(results) if r == "routed"]
+    assert all(r in ("routed", "cancelled") for r in results), collections.Counter(results)
+    assert all(results[i] == "routed" for i in range(300) if i not in doomed), "a request that stayed was not routed"
+    assert len(routed) >= 200, len(routed)
+    deadline = time.monotonic() + SETTLE
+    while epp_sum(epp, "inference_extension_flow_control_queue_size") != 0:
+        assert time.monotonic() < deadline, "waiters leaked in the queue"
+        time.sleep(0.05)
+    assert epp.poll() is None, epp.tail()
+    assert run(epp, lambda ch: exchange(ch)).dest in [a.address, b.address]
+
+
 # -- LoRA affinity ----------------------------------------------------------------------------------------------
 
 def settled_scrapes(backends, n=2, timeout=SETTLE):
