@@ -93,9 +93,16 @@ public final class LeaderElector: Sendable {
     public func run() async {
         var observed: Observation?
         var lastRenew: ContinuousClock.Instant?
+        // The same failure every retry period (RBAC refusing leases, say) is logged once, then at debug.
+        var lastFailure: String?
         while !Task.isCancelled {
             do {
-                if try await tryAcquireOrRenew(&observed) {
+                let acquired = try await tryAcquireOrRenew(&observed)
+                if lastFailure != nil {
+                    logger.info("leader election: lease requests work again")
+                    lastFailure = nil
+                }
+                if acquired {
                     lastRenew = .now
                     setLeader(true)
                 } else if isLeader, let last = lastRenew, ContinuousClock.now - last > config.renewDeadline {
@@ -106,11 +113,15 @@ public final class LeaderElector: Sendable {
             } catch is CancellationError {
                 break
             } catch {
-                if let e = error as? KubernetesError, e.isAuthError {
+                let message = "\(error)"
+                if message == lastFailure {
+                    logger.debug("leader election: lease request failed again", metadata: ["error": "\(error)"])
+                } else if let e = error as? KubernetesError, e.isAuthError {
                     logger.error("leader election: lease access refused (check RBAC for leases: get/create/update)", metadata: ["error": "\(e)"])
                 } else {
                     logger.warning("leader election: lease request failed", metadata: ["error": "\(error)"])
                 }
+                lastFailure = message
                 if isLeader, let last = lastRenew, ContinuousClock.now - last > config.renewDeadline {
                     setLeader(false)
                 }

@@ -317,6 +317,7 @@ public final class PoolWatcher: Sendable {
     private func runStatusWriter() async {
         let writer = RewriteStatusWriter(client: client, namespace: config.namespace, logger: logger)
         let retry = config.statusWriting?.retryDelay ?? .seconds(2)
+        var failedRounds = 0
         for await _ in statusSignals {
             guard isStatusWriter else { continue }
             let (rewrites, poolGroup) = state.withLockedValue { s -> ([(String, InferenceModelRewrite)], String) in
@@ -333,11 +334,17 @@ public final class PoolWatcher: Sendable {
             let rules = RewriteRules(rewrites.map(\.1), poolName: config.poolName, poolGroup: poolGroup, poolNamespace: config.namespace)
             let failures = await writer.reconcile(rewrites: rewrites, validations: rules.validations)
             if failures > 0 {
+                // Retry, backing off while writes keep failing (RBAC refusing them, say): 2 s, 4 s, … 1 min.
+                // A change to the rewrites signals at once anyway.
+                failedRounds += 1
+                let delay = min(retry * (1 << min(failedRounds - 1, 5)), .seconds(60))
                 let signal = statusSignal
                 Task {
-                    try? await Task.sleep(for: retry)
+                    try? await Task.sleep(for: delay)
                     signal.yield()
                 }
+            } else {
+                failedRounds = 0
             }
         }
     }

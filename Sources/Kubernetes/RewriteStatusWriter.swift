@@ -11,6 +11,9 @@ public final class RewriteStatusWriter: @unchecked Sendable {
     let logger: Logger
     /// key (group/ns/name) → (desired condition, resourceVersion of the object when we wrote it).
     private var written: [String: (Condition, String?)] = [:]
+    /// The last failure logged per key: the same failure again (e.g. RBAC refusing every retry) is
+    /// logged at debug only.
+    private var lastFailure: [String: String] = [:]
 
     public init(client: KubernetesClient, namespace: String, logger: Logger) {
         self.client = client
@@ -60,17 +63,27 @@ public final class RewriteStatusWriter: @unchecked Sendable {
                                                                contentType: "application/merge-patch+json"), timeout: .seconds(10))
                     _ = try response.checked(path: path)
                     written[key] = (desired, r.metadata.resourceVersion)
+                    lastFailure[key] = nil
                     logger.info("wrote rewrite status", metadata: ["rewrite": "\(v.resource)", "accepted": "\(v.accepted)",
                                                                    "reason": "\(v.reason)", "generation": "\(v.generation.map(String.init) ?? "")"])
                 } catch {
                     failures += 1
                     written[key] = nil
                     if let e = error as? KubernetesError, e.code == 404 { failures -= 1; continue }  // deleted meanwhile
-                    logger.warning("cannot write rewrite status", metadata: ["rewrite": "\(v.resource)", "error": "\(error)"])
+                    let message = "\(error)"
+                    if lastFailure[key] != message {
+                        lastFailure[key] = message
+                        let hint = (error as? KubernetesError)?.isAuthError == true
+                            ? " (check RBAC: patch on inferencemodelrewrites/status)" : ""
+                        logger.warning("cannot write rewrite status\(hint)", metadata: ["rewrite": "\(v.resource)", "error": "\(error)"])
+                    } else {
+                        logger.debug("cannot write rewrite status (again)", metadata: ["rewrite": "\(v.resource)", "error": "\(error)"])
+                    }
                 }
             }
         }
         written = written.filter { live.contains($0.key) }
+        lastFailure = lastFailure.filter { live.contains($0.key) }
         return failures
     }
 

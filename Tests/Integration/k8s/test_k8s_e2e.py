@@ -515,3 +515,34 @@ def test_metrics_endpoint_auth(cluster, epp_k8s):
 
     open_epp = epp_k8s(extra=["--metrics-endpoint-auth=false"], name="metrics-open")
     assert scrape(open_epp)[0] == 200
+
+
+def test_rbac_refusals_are_logged_once_and_routing_goes_on(cluster, epp_k8s):
+    """With RBAC that refuses leases and rewrite status (the reference's chart grants neither), routing still
+    works; each refusal is logged once however often it is retried; once allowed, leadership and status follow."""
+    c = cluster
+    c.pool()
+    c.pod("a", "127.0.0.95")
+    c.rewrite("r1", "m1", [("facebook/opt-125m", 1)])
+    lease_fault = {"match": "/leases", "code": 403, "count": -1, "method": None, "watch": None}
+    status_fault = {"match": "/inferencemodelrewrites/[^/]+/status$", "code": 403, "count": -1, "method": "PATCH", "watch": None}
+    with c.st.lock:
+        c.st.faults += [lease_fault, status_fault]
+    e = epp_k8s(name="rbac-refused")
+    wait_until(lambda: readiness(e.channel("health")) == health_pb2.HealthCheckResponse.SERVING, what="ready")
+    assert route(e.channel(), "m1")[1] == "facebook/opt-125m"
+    time.sleep(5)  # two or three lease retry periods
+    assert e.logs().count("lease access refused") == 1, e.log_tail()
+    # Leases allowed: this replica leads; its status writes are refused, retried with backoff, logged once.
+    with c.st.lock:
+        c.st.faults.remove(lease_fault)
+    wait_until(lambda: "became leader" in e.logs(), what="leader")
+    assert "lease requests work again" in e.logs()
+    time.sleep(5)
+    assert e.logs().count("cannot write rewrite status (check RBAC") == 1, e.log_tail()
+    assert c.status_patches("r1") == 0
+    # Status allowed: the next change writes both rewrites' status at once.
+    with c.st.lock:
+        c.st.faults.remove(status_fault)
+    c.rewrite("r2", "m2", [("facebook/opt-125m", 1)])
+    wait_until(lambda: c.status_patches("r1") == 1 and c.status_patches("r2") == 1, what="status written")
