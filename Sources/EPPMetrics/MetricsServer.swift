@@ -12,7 +12,7 @@ public enum MetricsAccess: Sendable, Equatable {
 /// Serves `GET /metrics` (Prometheus text format 0.0.4) over plain HTTP/1.1, like the reference
 /// EPP's metrics port. Anything else gets 404 (or 405 for other methods on /metrics). With
 /// `authorize`, each scrape's request headers are checked first (the reference's
-/// `--metrics-endpoint-auth`); requests on one connection are answered in order.
+/// `--metrics-endpoint-auth`); pipelined requests are still answered in order.
 public final class MetricsServer: Sendable {
     private let channel: any Channel
 
@@ -52,9 +52,6 @@ private final class MetricsHandler: ChannelInboundHandler {
     private let exposition: @Sendable () -> [UInt8]
     private let authorize: (@Sendable (HTTPHeaders) async -> MetricsAccess)?
     private var head: HTTPRequestHead?
-    /// Complete requests not answered yet (a check in progress holds the ones behind it).
-    private var waiting: [HTTPRequestHead] = []
-    private var checking = false
     private var removed = false
 
     init(exposition: @escaping @Sendable () -> [UInt8], authorize: (@Sendable (HTTPHeaders) async -> MetricsAccess)?) {
@@ -73,21 +70,12 @@ private final class MetricsHandler: ChannelInboundHandler {
         case .end:
             guard let head else { return }
             self.head = nil
-            waiting.append(head)
-            next(context: context)
-        }
-    }
-
-    /// Answers the queued requests in order; a scrape waits for its access check.
-    private func next(context: ChannelHandlerContext) {
-        while !checking, !waiting.isEmpty {
-            let head = waiting.removeFirst()
             let path = head.uri.split(separator: "?", maxSplits: 1).first.map(String.init) ?? head.uri
             guard let authorize, path == "/metrics", head.method == .GET || head.method == .HEAD else {
-                respond(to: head, context: context)
-                continue
+                return respond(to: head, context: context)
             }
-            checking = true
+            // The pipeline handler in front holds pipelined requests until this one's response
+            // ends, so the answers stay in order while the check runs.
             let bound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
             let loop = context.eventLoop
             let headers = head.headers
@@ -95,7 +83,6 @@ private final class MetricsHandler: ChannelInboundHandler {
                 let access = await authorize(headers)
                 loop.execute {
                     let (handler, context) = bound.value
-                    handler.checking = false
                     guard !handler.removed else { return }  // the scraper went away meanwhile
                     if case .deny(let status, let message) = access {
                         handler.send(head: head, status: HTTPResponseStatus(statusCode: status), contentType: "text/plain; charset=utf-8",
@@ -103,7 +90,6 @@ private final class MetricsHandler: ChannelInboundHandler {
                     } else {
                         handler.respond(to: head, context: context)
                     }
-                    handler.next(context: context)
                 }
             }
         }

@@ -511,6 +511,18 @@ def test_metrics_endpoint_auth(cluster, epp_k8s):
     c.srv.state.faults.append({"match": "/tokenreviews$", "code": 500, "count": 1, "method": None, "watch": None})
     assert scrape(e, "prom-token-2")[0] == 500
     assert scrape(e, "prom-token-2")[0] == 200
+    # Pipelined requests on one connection are answered in order, each after its own check.
+    import socket
+    with socket.create_connection(("127.0.0.1", e.metrics_port), timeout=5) as sock:
+        sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer alice-token\r\n\r\n"
+                     b"GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer prom-token\r\n\r\n"
+                     b"GET /nothing HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    import re
+    statuses = [int(code) for code in re.findall(rb"HTTP/1\.1 (\d{3}) ", data)]
+    assert statuses == [403, 200, 404], (statuses, data[:2000])
     assert e.alive()
 
     open_epp = epp_k8s(extra=["--metrics-endpoint-auth=false"], name="metrics-open")
