@@ -51,6 +51,7 @@ final class EPPApp: Sendable {
         extProc.affinity = .init(flag: options.splitAffinityHeader)
         extProc.restoreModelAlias = options.restoreModelAlias
         extProc.maxRequestBodyBytes = options.maxRequestBodyBytes
+        extProc.heldBodyBudget = try makeHeldBodyBudget(options, logger: logger)
         let scraper = try makeScraper(options, state: source.state, logger: logger)
         extProc.loadPolicy = LoadPolicy(enabled: scraper != nil, stalenessSeconds: options.metricsStalenessThreshold)
         pickerConfig?.apply(to: &extProc.loadPolicy)
@@ -64,7 +65,7 @@ final class EPPApp: Sendable {
         // No metrics listener → nothing recorded on the request path either.
         let metrics = options.metricsPort > 0
             ? InferenceMetrics(poolName: options.poolName, state: source.state, loadPolicy: extProc.loadPolicy,
-                               admissionQueue: extProc.admissionQueue) : nil
+                               admissionQueue: extProc.admissionQueue, heldBodyBudget: extProc.heldBodyBudget) : nil
         var mainServices: [any GRPCService] = [
             HealthService(store: health),
             ExtProcService(configuration: extProc, state: source.state, logger: logger, observer: metrics),
@@ -97,6 +98,17 @@ final class EPPApp: Sendable {
         scraper?.scraper.start()
         return EPPApp(servers: servers, metricsServer: metricsServer, health: health, logger: logger,
                       drainTimeout: options.drainTimeout, group: group, source: source, scraper: scraper)
+    }
+
+    private static func makeHeldBodyBudget(_ options: EPPCommand, logger: Logger) throws -> HeldBodyBudget? {
+        let limit = options.maxHeldRequestBodyBytes ?? HeldBodyBudget.defaultLimit()
+        guard limit >= 0 else { throw ValidationFailure("--max-held-request-body-bytes must be 0 (no limit) or positive") }
+        guard limit > 0 else { return nil }
+        if limit < options.maxRequestBodyBytes {
+            logger.info("held request bodies are capped below one request's maximum: a request whose model comes after that many bytes gets 503",
+                        metadata: ["max-held-request-body-bytes": "\(limit)", "max-request-body-bytes": "\(options.maxRequestBodyBytes)"])
+        }
+        return HeldBodyBudget(limit: limit)
     }
 
     /// Prefix-cache affinity (weighed with the load, so only when scraping is on; not at all when

@@ -28,6 +28,7 @@ public struct EPPCommand: AsyncParsableCommand {
     @Option(help: "Sticky split key: a request header name, or body:FIELD for a top-level body string.") var splitAffinityHeader: String?
     @Option(help: "Restore the client's model name in responses.") var restoreModelAlias = true
     @Option(help: "Largest request body accepted (413 above).") var maxRequestBodyBytes = 64 << 20
+    @Option(help: "Request-body bytes held at once across all requests while they wait to be routed (model after the prompt, admission queue, BUFFERED mode); the request that would pass it gets 503. Default: 1 GiB, or half the container's memory limit when smaller; 0: no limit.") var maxHeldRequestBodyBytes: Int?
     @Option(help: "Scrape each endpoint's model-server metrics (vLLM queue and KV cache) and pick by load; sheddable objectives get 429 when the pool is saturated.") var scrapeModelServerMetrics = true
     @Option(help: "Seconds (or a Go duration: 50ms) between scrapes of each endpoint's metrics.", transform: parseSeconds) var refreshMetricsInterval: Double = 0.05
     @Option(help: "Seconds (or a Go duration: 2s) after which a model server's last metrics no longer count (stale = unknown load).", transform: parseSeconds) var metricsStalenessThreshold: Double = 2

@@ -23,6 +23,9 @@ public final class InferenceMetrics: ExtProcObserver, Sendable {
     private let loadPolicy: LoadPolicy
     /// The admission queue whose waiters `inference_extension_flow_control_queue_size` counts.
     private let admissionQueue: AdmissionQueue?
+    /// The budget whose use `inference_extension_held_request_body_bytes` reports.
+    private let heldBodyBudget: HeldBodyBudget?
+    private let heldBodyBytes: Gauge
     private let queueGauges = NIOLockedValueBox<[AdmissionQueue.Group: Gauge]>([:])
     private let queueDurations = NIOLockedValueBox<[QueueDurationKey: ValueHistogram]>([:])
     /// Model names come from clients: past this many label sets, new ones are counted under
@@ -31,9 +34,13 @@ public final class InferenceMetrics: ExtProcObserver, Sendable {
     static let overflowLabel = "other"
 
     public init(poolName: String, state: RoutingState, registry: PrometheusCollectorRegistry = .init(),
-                maxSeries: Int = 500, loadPolicy: LoadPolicy = .off, admissionQueue: AdmissionQueue? = nil) {
+                maxSeries: Int = 500, loadPolicy: LoadPolicy = .off, admissionQueue: AdmissionQueue? = nil,
+                heldBodyBudget: HeldBodyBudget? = nil) {
         self.registry = registry
         self.admissionQueue = admissionQueue
+        self.heldBodyBudget = heldBodyBudget
+        heldBodyBytes = registry.makeGauge(descriptor: metric("inference_extension_held_request_body_bytes",
+            "Request-body bytes the picker holds now while their requests wait to be routed (capped by --max-held-request-body-bytes)."))
         self.loadPolicy = loadPolicy
         self.poolName = poolName
         self.state = state
@@ -138,6 +145,7 @@ public final class InferenceMetrics: ExtProcObserver, Sendable {
         let load = endpoints.averageLoad(policy: loadPolicy, now: MonotonicClock.nanoseconds)
         averageQueue.set(load?.queue ?? 0)
         averageKVCache.set(load?.kvCache ?? 0)
+        heldBodyBytes.set(Int64(heldBodyBudget?.bytes ?? 0))
         updateQueueSizes()
         var out: [UInt8] = []
         out.reserveCapacity(16 << 10)

@@ -38,6 +38,9 @@ public struct ExtProcConfiguration: Sendable {
     public var prefixMaxBlocks = 64
     /// Sheddable requests wait here while the pool is saturated; nil: refused at once (429).
     public var admissionQueue: AdmissionQueue?
+    /// Caps the request-body bytes held across all streams (503 for the request that would pass
+    /// it); nil: no cap beyond `maxRequestBodyBytes` per request.
+    public var heldBodyBudget: HeldBodyBudget?
 
     public init() {}
 }

@@ -40,6 +40,8 @@ final class ProcessStream: GRPCStreamHandler {
     /// of the first.
     private var held: [ByteBuffer] = []
     private var heldOffset = 0
+    /// Bytes of `held` reserved in the process-wide budget.
+    private var heldReserved = 0
     private var requestBodyEnded = false
     private var generatedRequestID: String?
     /// Waiting in the admission queue for the pool to have room (sheddable, pool saturated):
@@ -146,6 +148,9 @@ final class ProcessStream: GRPCStreamHandler {
     private func release() {
         endpoint?.end()
         endpoint = nil
+        // What is still held is never sent once the stream ends or is refused.
+        held.removeAll()
+        releaseHeldReservation()
         if queuedSince != nil { leaveAdmissionQueue(done ? .evictedOther : .evictedContextCancelled) }
     }
 
@@ -230,7 +235,7 @@ final class ProcessStream: GRPCStreamHandler {
             sendRequestBody(chunk, endOfStream: endOfStream, stream)
             return
         }
-        held.append(chunk)
+        guard hold(chunk, stream) else { return }
         if endOfStream || scanner.progress == .complete {
             // A finished document without a usable model is refused before anything is routed.
             if let error = finalValidation() { return fail(error, stream) }
@@ -257,7 +262,7 @@ final class ProcessStream: GRPCStreamHandler {
             stream.send(Replies.bodyReplace(nil, request: true))
             return
         }
-        held.append(chunk)
+        guard hold(chunk, stream) else { return }
         if !endOfStream && !readyToRoute() {
             stream.send(Replies.bodyReplace(Data(), request: true))
             return
@@ -272,7 +277,7 @@ final class ProcessStream: GRPCStreamHandler {
 
     /// BUFFERED: the whole body in one message; route and rewrite in the body reply.
     private func bufferedBody(_ chunk: ByteBuffer, endOfStream: Bool, _ stream: GRPCServerStream) {
-        held.append(chunk)
+        guard hold(chunk, stream) else { return }
         if endOfStream, let error = finalValidation() { return fail(error, stream) }
         if queuedSince != nil { return }  // waiting for admission: the chunk is held
         routeBuffered(stream)
@@ -517,9 +522,31 @@ final class ProcessStream: GRPCStreamHandler {
         return (total - range.count + replacement.count, (range, replacement))
     }
 
+    /// Keeps `chunk` until routing, within the process-wide budget; false when the budget is
+    /// spent (the request has been refused).
+    private func hold(_ chunk: ByteBuffer, _ stream: GRPCServerStream) -> Bool {
+        if let budget = configuration.heldBodyBudget {
+            let n = chunk.readableBytes
+            guard budget.reserve(n) else {
+                fail(.heldBodiesOverBudget(limit: budget.limit), stream)
+                return false
+            }
+            heldReserved += n
+        }
+        held.append(chunk)
+        return true
+    }
+
     private func dropHeld() {
         for c in held { heldOffset += c.readableBytes }
         held.removeAll(keepingCapacity: true)
+        releaseHeldReservation()
+    }
+
+    private func releaseHeldReservation() {
+        guard heldReserved > 0 else { return }
+        configuration.heldBodyBudget?.release(heldReserved)
+        heldReserved = 0
     }
 
     /// The held chunks as one body with the model value replaced.

@@ -150,6 +150,11 @@ struct PickerError: Error {
         PickerError(status: 413, type: "invalid_request_error",
                     message: "request body exceeds the limit of \(limit) bytes", details: "epp_request_body_too_large")
     }
+    static func heldBodiesOverBudget(limit: Int) -> PickerError {
+        PickerError(status: 503, type: "service_unavailable",
+                    message: "the endpoint picker is holding its limit of \(limit) bytes of request bodies that wait for routing; retry later",
+                    details: "epp_held_body_budget_exhausted")
+    }
     static func noEndpoints(_ why: String) -> PickerError {
         PickerError(status: 503, type: "service_unavailable", message: why, details: "epp_no_endpoints")
     }

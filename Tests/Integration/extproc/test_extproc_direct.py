@@ -671,3 +671,93 @@ def test_non_json_and_compressed_responses_pass_through(epp):
     (_, _, html_out), (_, _, gz_out) = run(epp, go)
     assert html_out == html
     assert gz_out == gz
+
+
+def _held_bytes(epp):
+    import urllib.request
+    with urllib.request.urlopen(f"http://127.0.0.1:{epp.metrics_port}/metrics", timeout=5) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith("inference_extension_held_request_body_bytes "):
+                return float(line.split()[1])
+    raise AssertionError("inference_extension_held_request_body_bytes not exported")
+
+
+def test_held_body_budget_refuses_only_the_request_that_overflows(epp_factory):
+    """Bodies whose model comes after the prompt are held until the model arrives (the OpenAI Python
+    SDK writes `messages` first). The bytes held across all streams are capped: the request whose
+    chunk would pass the cap gets 503, the one already held loses nothing, and the budget comes back
+    when requests end — routed, refused or cancelled."""
+    e = epp_factory(extra=["--max-held-request-body-bytes=1000000"], name="heldcap")
+    chunk = 32 * 1024
+
+    def late_body(fill, n=600_000):
+        return b'{"prompt":"' + fill * n + b'","max_tokens":1,"model":"alias"}'
+
+    body_a, body_b = late_body(b"a"), late_body(b"b")
+    head_a, tail_a = body_a[:-30], body_a[-30:]  # the model is in the tail
+
+    async def send_chunks(s, data):
+        for i in range(0, len(data), chunk):
+            await s.send(req_body(data[i:i + chunk]))
+
+    async def go(ch):
+        a = Stream(ch)
+        await a.send(req_headers())
+        await send_chunks(a, head_a)
+        assert await a.no_reply_within(0.5)  # held: no model yet
+        held_a = _held_bytes(e)
+        assert held_a == len(head_a), held_a
+
+        # B needs 600 KB held beside A's 600 KB: refused once its chunks pass the remaining 400 KB.
+        b = Stream(ch)
+        await b.send(req_headers())
+        sent = 0
+        while sent <= 1_000_000 - len(head_a):
+            await b.send(req_body(body_b[sent:sent + chunk]))
+            sent += chunk
+        refused = await b.recv()
+        assert kind(refused) == "immediate_response", refused
+        assert refused.immediate_response.status.code == 503
+        err = json.loads(refused.immediate_response.body)["error"]
+        assert err["code"] == 503 and "1000000 bytes" in err["message"], err
+        assert refused.immediate_response.details == "epp_held_body_budget_exhausted"
+        assert _held_bytes(e) == len(head_a)  # B's reservation returned, A's kept
+
+        # A goes on: routed once its model arrives, every byte forwarded with only the model changed.
+        await a.send(req_body(tail_a, eos=True))
+        first = await a.recv_pending()
+        assert kind(first) == "request_headers" and destination(first)[0] in ENDPOINTS
+        rest = await a.collect_request()
+        assert joined_request_body([first] + rest) == splice(body_a, b'"alias"', "backend-model")
+        await a.close()
+        assert _held_bytes(e) == 0
+
+        # With A done, the same 600 KB body that was refused fits.
+        c = Stream(ch)
+        await c.send(req_headers())
+        await send_chunks(c, body_b[:-30])
+        await c.send(req_body(body_b[-30:], eos=True))
+        replies = await c.collect_request()
+        assert kind(replies[0]) == "request_headers"
+        assert joined_request_body(replies) == splice(body_b, b'"alias"', "backend-model")
+        await c.close()
+
+        # A request cancelled while held gives its bytes back too.
+        d = Stream(ch)
+        await d.send(req_headers())
+        await send_chunks(d, head_a)
+        assert await d.no_reply_within(0.3)
+        assert _held_bytes(e) == len(head_a)
+        d.call.cancel()
+        for _ in range(50):
+            if _held_bytes(e) == 0:
+                break
+            await asyncio.sleep(0.1)
+        assert _held_bytes(e) == 0
+
+        # Bodies routed on arrival (model first) hold nothing, however large.
+        big = b'{"model":"alias","prompt":"' + b"z" * 3_000_000 + b'"}'
+        reqs, resps, status = await full_request(ch, big, chunk=chunk)
+        assert kind(reqs[0]) == "request_headers"
+        assert joined_request_body(reqs) == splice(big, b'"alias"', "backend-model")
+    run(e, go)
