@@ -8,6 +8,9 @@ import Foundation
 /// failing every stream it serves. With it, the request whose next chunk would overflow the
 /// budget gets 503 and every other stream goes on.
 ///
+/// Sheddable requests (priority < 0) may only fill half of it: however many of them wait in the
+/// admission queue, the other half stays for everyone else.
+///
 /// One atomic counter, touched only for a chunk the picker holds (a chunk routed on arrival is
 /// reserved and released in the same event-loop turn).
 public final class HeldBodyBudget: Sendable {
@@ -22,10 +25,11 @@ public final class HeldBodyBudget: Sendable {
     /// Bytes held now, across all streams.
     public var bytes: Int { held.load(ordering: .relaxed) }
 
-    /// Reserves `count` bytes; false (nothing reserved) when that would pass the limit.
-    func reserve(_ count: Int) -> Bool {
+    /// Reserves `count` bytes; false (nothing reserved) when that would pass the limit (half the
+    /// limit for a sheddable request).
+    func reserve(_ count: Int, sheddable: Bool = false) -> Bool {
         let after = held.wrappingIncrementThenLoad(by: count, ordering: .relaxed)
-        if after <= limit { return true }
+        if after <= (sheddable ? limit / 2 : limit) { return true }
         held.wrappingDecrement(by: count, ordering: .relaxed)
         return false
     }

@@ -527,7 +527,8 @@ final class ProcessStream: GRPCStreamHandler {
     private func hold(_ chunk: ByteBuffer, _ stream: GRPCServerStream) -> Bool {
         if let budget = configuration.heldBodyBudget {
             let n = chunk.readableBytes
-            guard budget.reserve(n) else {
+            let sheddable = (snapshot?.objectives.priority(for: info.objective) ?? 0) < 0
+            guard budget.reserve(n, sheddable: sheddable) else {
                 fail(.heldBodiesOverBudget(limit: budget.limit), stream)
                 return false
             }

@@ -17,6 +17,15 @@ final class HeldBodyBudgetTests: XCTestCase {
         XCTAssertEqual(budget.bytes, 0)
     }
 
+    func testSheddableRequestsFillOnlyHalf() {
+        let budget = HeldBodyBudget(limit: 100)
+        XCTAssertTrue(budget.reserve(50, sheddable: true))
+        XCTAssertFalse(budget.reserve(1, sheddable: true), "sheddable: past half the limit")
+        XCTAssertTrue(budget.reserve(50), "the other half stays for the rest")
+        XCTAssertFalse(budget.reserve(1))
+        XCTAssertEqual(budget.bytes, 100)
+    }
+
     func testConcurrentReservationsNeverPassTheLimit() {
         let budget = HeldBodyBudget(limit: 1000)
         DispatchQueue.concurrentPerform(iterations: 8) { _ in

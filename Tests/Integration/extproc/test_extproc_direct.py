@@ -687,7 +687,10 @@ def test_held_body_budget_refuses_only_the_request_that_overflows(epp_factory):
     SDK writes `messages` first). The bytes held across all streams are capped: the request whose
     chunk would pass the cap gets 503, the one already held loses nothing, and the budget comes back
     when requests end — routed, refused or cancelled."""
-    e = epp_factory(extra=["--max-held-request-body-bytes=1000000"], name="heldcap")
+    from conftest import RULES
+    batch = ("apiVersion: inference.networking.x-k8s.io/v1alpha2\nkind: InferenceObjective\n"
+             "metadata: { name: batch }\nspec:\n  priority: -1\n  poolRef: { name: vllm-pool }\n")
+    e = epp_factory(extra=["--max-held-request-body-bytes=1000000"], rules=RULES + "---\n" + batch, name="heldcap")
     chunk = 32 * 1024
 
     def late_body(fill, n=600_000):
@@ -754,6 +757,29 @@ def test_held_body_budget_refuses_only_the_request_that_overflows(epp_factory):
                 break
             await asyncio.sleep(0.1)
         assert _held_bytes(e) == 0
+
+        # Sheddable requests (priority < 0) may fill only half the budget; the other half stays for the rest.
+        shed = {"x-gateway-inference-objective": "batch"}
+        s1 = Stream(ch)
+        await s1.send(req_headers(headers=shed))
+        await send_chunks(s1, b'{"prompt":"' + b"s" * 450_000)
+        assert await s1.no_reply_within(0.3)
+        s2 = Stream(ch)
+        await s2.send(req_headers(headers=shed))
+        await send_chunks(s2, b'{"prompt":"' + b"t" * 100_000)
+        r = await s2.recv()
+        assert kind(r) == "immediate_response" and r.immediate_response.status.code == 503, r
+        n = Stream(ch)
+        await n.send(req_headers())
+        body_n = late_body(b"n", 500_000)
+        await send_chunks(n, body_n[:-30])
+        assert await n.no_reply_within(0.3)  # held beside the sheddable 450 KB: no refusal
+        await n.send(req_body(body_n[-30:], eos=True))
+        replies = [await n.recv_pending()] + await n.collect_request()
+        assert kind(replies[0]) == "request_headers", replies[0]
+        assert joined_request_body(replies) == splice(body_n, b'"alias"', "backend-model")
+        await n.close()
+        s1.call.cancel()
 
         # Bodies routed on arrival (model first) hold nothing, however large.
         big = b'{"model":"alias","prompt":"' + b"z" * 3_000_000 + b'"}'
