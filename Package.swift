@@ -12,6 +12,7 @@
 //   Kubernetes              API client, reflectors, status writer, leader election
 //   ModelServerMetrics      scrapes each model server's /metrics (vLLM load) for the picker
 //   EPPMetrics              Prometheus metrics of the request path and the /metrics listener
+//   Tracing                 W3C trace context, sampling, OTLP/HTTP span export (OpenTelemetry)
 //   EPP + epp               assembly and the executable
 import PackageDescription
 
@@ -67,8 +68,18 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
             .product(name: "Yams", package: "Yams"),
         ], swiftSettings: hotPath),
+        .target(name: "Tracing", dependencies: [
+            "Protos", "OpenSSLTLS",
+            .product(name: "Atomics", package: "swift-atomics"),
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "NIOHTTP1", package: "swift-nio"),
+            .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+            .product(name: "Logging", package: "swift-log"),
+            .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+        ]),
         .target(name: "ExtProc", dependencies: [
-            "GRPCServer", "Protos", "StreamingJSON", "InferenceRouting",
+            "GRPCServer", "Protos", "StreamingJSON", "InferenceRouting", "Tracing",
             .product(name: "Atomics", package: "swift-atomics"),
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
@@ -102,7 +113,7 @@ let package = Package(
         ], swiftSettings: hotPath),
         .target(name: "EPP", dependencies: [
             "GRPCServer", "ExtProc", "EPPMetrics", "InferenceRouting", "Kubernetes", "ModelServerMetrics", "OpenSSLTLS",
-            "StreamingJSON",
+            "StreamingJSON", "Tracing",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
@@ -142,6 +153,14 @@ let package = Package(
             "EPPMetrics", "ExtProc", "InferenceRouting", "StreamingJSON",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "Prometheus", package: "swift-prometheus"),
+        ]),
+        .testTarget(name: "TracingTests", dependencies: [
+            "Tracing", "Protos",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "NIOHTTP1", package: "swift-nio"),
+            .product(name: "Logging", package: "swift-log"),
+            .product(name: "SwiftProtobuf", package: "swift-protobuf"),
         ]),
         .testTarget(name: "KubernetesTests", dependencies: [
             "Kubernetes", "InferenceRouting",

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Regenerates Sources/Protos from the compiled descriptors shipped in the PyPI packages
-# xds-protos (Envoy API) and grpcio-health-checking (grpc.health.v1); no .proto files needed.
-# Needs: protoc (Debian protobuf-compiler), a Python with xds-protos + grpcio-health-checking,
+# xds-protos (Envoy API), grpcio-health-checking (grpc.health.v1) and opentelemetry-proto (OTLP
+# traces); no .proto files needed.
+# Needs: protoc (Debian protobuf-compiler), a Python with xds-protos + grpcio-health-checking +
+# opentelemetry-proto,
 # and protoc-gen-swift built from the swift-protobuf version in Package.swift:
 #   PROTOC_GEN_SWIFT=/path/to/protoc-gen-swift PYTHON=.venv/bin/python scripts/generate-protos.sh
 set -euo pipefail

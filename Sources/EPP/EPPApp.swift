@@ -11,6 +11,7 @@ import NIOCore
 import NIOHTTP1
 import NIOPosix
 import OpenSSLTLS
+import Tracing
 
 /// The running process: listeners, health, and the signal-driven drain.
 final class EPPApp: Sendable {
@@ -22,10 +23,12 @@ final class EPPApp: Sendable {
     let group: MultiThreadedEventLoopGroup
     let source: any RoutingSource
     let scraper: (scraper: ModelServerScraper, group: MultiThreadedEventLoopGroup)?
+    let exporter: OTLPExporter?
 
     private init(servers: [GRPCServer], metricsServer: MetricsServer?, health: HealthStatusStore, logger: Logger,
                  drainTimeout: Double, group: MultiThreadedEventLoopGroup, source: any RoutingSource,
-                 scraper: (scraper: ModelServerScraper, group: MultiThreadedEventLoopGroup)?) {
+                 scraper: (scraper: ModelServerScraper, group: MultiThreadedEventLoopGroup)?, exporter: OTLPExporter?) {
+        self.exporter = exporter
         self.source = source
         self.scraper = scraper
         self.servers = servers
@@ -52,6 +55,8 @@ final class EPPApp: Sendable {
         extProc.restoreModelAlias = options.restoreModelAlias
         extProc.maxRequestBodyBytes = options.maxRequestBodyBytes
         extProc.heldBodyBudget = try makeHeldBodyBudget(options, logger: logger)
+        let exporter = options.tracing ? try TracingSetup(options).makeExporter(loop: group.next(), logger: logger) : nil
+        extProc.tracer = exporter?.tracer
         let scraper = try makeScraper(options, state: source.state, logger: logger)
         extProc.loadPolicy = LoadPolicy(enabled: scraper != nil, stalenessSeconds: options.metricsStalenessThreshold)
         pickerConfig?.apply(to: &extProc.loadPolicy)
@@ -96,8 +101,10 @@ final class EPPApp: Sendable {
         }
         source.start()
         scraper?.scraper.start()
+        exporter?.start()
         return EPPApp(servers: servers, metricsServer: metricsServer, health: health, logger: logger,
-                      drainTimeout: options.drainTimeout, group: group, source: source, scraper: scraper)
+                      drainTimeout: options.drainTimeout, group: group, source: source, scraper: scraper,
+                      exporter: exporter)
     }
 
     private static func makeHeldBodyBudget(_ options: EPPCommand, logger: Logger) throws -> HeldBodyBudget? {
@@ -190,7 +197,6 @@ final class EPPApp: Sendable {
 
     /// Reference flags accepted for its manifests' sake: say which ones change nothing here.
     private static func noteCompatibilityFlags(_ options: EPPCommand, logger: Logger) {
-        if options.tracing { logger.warning("--tracing: OpenTelemetry tracing is not available in this picker; ignored") }
         if options.haEnableLeaderElection && (options.endpoints != nil || options.configDir != nil) {
             logger.warning("--ha-enable-leader-election applies in Kubernetes mode only; ignored")
         }
@@ -305,6 +311,8 @@ final class EPPApp: Sendable {
             try? await scraper.group.shutdownGracefully()
         }
         for s in servers { await s.close() }
+        // The streams have ended, so their spans are queued: send them before the loops stop.
+        await exporter?.shutdown()
         await metricsServer?.close()
         try? await group.shutdownGracefully()
         logger.info("stopped")

@@ -1,6 +1,7 @@
 import GRPCServer
 import InferenceRouting
 import Logging
+import Tracing
 
 /// How requests are picked and rewritten; fixed at start.
 public struct ExtProcConfiguration: Sendable {
@@ -41,6 +42,8 @@ public struct ExtProcConfiguration: Sendable {
     /// Caps the request-body bytes held across all streams (503 for the request that would pass
     /// it); nil: no cap beyond `maxRequestBodyBytes` per request.
     public var heldBodyBudget: HeldBodyBudget?
+    /// OpenTelemetry tracing of sampled requests; nil: off (no header parsed, nothing recorded).
+    public var tracer: Tracer?
 
     public init() {}
 }

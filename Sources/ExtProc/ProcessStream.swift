@@ -6,6 +6,7 @@ import NIOCore
 import Protos
 import StreamingJSON
 import SwiftProtobuf
+import Tracing
 
 /// One ext_proc `Process` stream = one HTTP request through the gateway.
 ///
@@ -75,6 +76,18 @@ final class ProcessStream: GRPCStreamHandler {
     private var reported = false
     private var observerToken: AnyObject?
 
+    // Tracing (only for sampled requests: `span` is nil otherwise)
+    private var span: TraceContext?
+    private var parentSpanID: UInt64 = 0
+    private var spanStartUnix: UInt64 = 0
+    private var spanStartMono: UInt64 = 0
+    private var schedulerStart: UInt64 = 0
+    private var schedulerEnd: UInt64 = 0
+    private var childSpans: [SpanRecord] = []
+    private var responseStreaming = false
+    /// Where the request went (for the span; the endpoint record itself is released early).
+    private var routedAddress: String?
+
     init(configuration: ExtProcConfiguration, state: RoutingState, logger: Logger,
          observer: (any ExtProcObserver)? = nil) {
         self.configuration = configuration
@@ -131,6 +144,7 @@ final class ProcessStream: GRPCStreamHandler {
 
     /// Tells the observer how the request ended (once per stream that had request headers).
     private func report(_ result: RequestOutcome.Result) {
+        if span != nil { finishTrace(result) }
         guard let observer, sawRequestHeaders, !reported else { return }
         reported = true
         let duration = startTime.map { NIODeadline.now() - $0 } ?? .zero
@@ -176,9 +190,16 @@ final class ProcessStream: GRPCStreamHandler {
             metadata = try? Envoy_Config_Core_V3_Metadata(serializedBytes: Array(raw.readableBytesView))
         }
         do {
-            info = try RequestInfo(headers, metadata: metadata, affinityHeader: affinityHeader)
+            info = try RequestInfo(headers, metadata: metadata, affinityHeader: affinityHeader,
+                                   tracing: configuration.tracer != nil)
         } catch {
             return protocolViolation("malformed request headers: \(error)", stream)
+        }
+        if let tracer = configuration.tracer, let context = tracer.startSpan(parent: info.traceparent, using: &rng) {
+            span = context
+            parentSpanID = info.traceparent?.spanID ?? 0
+            spanStartUnix = WallClock.unixNanoseconds
+            spanStartMono = MonotonicClock.nanoseconds
         }
         snapshot = state.snapshot
         if info.requestID == nil { generatedRequestID = rng.uuidString() }
@@ -402,6 +423,15 @@ final class ProcessStream: GRPCStreamHandler {
 
     /// Picks the endpoint and builds the routing mutation; answers 503 itself when there is none.
     private func route(_ stream: GRPCServerStream) -> RouteDecision? {
+        guard span != nil else { return pick(stream) }
+        let start = MonotonicClock.nanoseconds
+        schedulerStart = 0
+        var decision = pick(stream)
+        traceRouting(start: start, end: MonotonicClock.nanoseconds, &decision)
+        return decision
+    }
+
+    private func pick(_ stream: GRPCServerStream) -> RouteDecision? {
         guard let snapshot else { return nil }
         let pickStart: NIODeadline? = observer != nil ? .now() : nil
         decideModel()
@@ -416,6 +446,7 @@ final class ProcessStream: GRPCStreamHandler {
                 if !enterAdmissionQueue(stream) { fail(.saturated(objective: info.objective ?? ""), stream) }
                 return nil
             }
+            if span != nil { schedulerStart = MonotonicClock.nanoseconds }
             // Prefix affinity is weighed against load: without fresh load samples it is not
             // used, and not recorded either (the index learns while it can matter).
             if let index = configuration.prefixCache,
@@ -429,8 +460,10 @@ final class ProcessStream: GRPCStreamHandler {
                                                  using: &rng)
             }
         } else {
+            if span != nil { schedulerStart = MonotonicClock.nanoseconds }
             picked = snapshot.endpoints.pick(subset: info.subset, using: &rng)
         }
+        if span != nil { schedulerEnd = MonotonicClock.nanoseconds }
         if let pickStart { pickDuration = .now() - pickStart }
         guard let record = picked else {
             let why = info.subset != nil ? "no endpoint matches the gateway's subset hint" : "no ready endpoints in the pool"
@@ -613,6 +646,7 @@ final class ProcessStream: GRPCStreamHandler {
         } catch {
             return protocolViolation("malformed response headers: \(error)", stream)
         }
+        responseStreaming = mode == .sse
         var replacement: [UInt8]?
         if configuration.restoreModelAlias, let client = clientModel, let target = targetModel, client != target {
             replacement = quotedClientModel ?? JSONStringEncoding.quoted(client)
@@ -731,6 +765,83 @@ final class ProcessStream: GRPCStreamHandler {
         done = true
         report(.completed)
         stream.finish(.ok)
+    }
+
+    // MARK: Tracing
+
+    /// Records the routing spans (`gateway.director.handle_request` and, when a pick ran,
+    /// `gateway.scheduler.schedule`) and names this request's span as the backend's parent.
+    private func traceRouting(start: UInt64, end: UInt64, _ decision: inout RouteDecision?) {
+        guard let span, let tracer = configuration.tracer else { return }
+        let candidates = info.subset?.count ?? snapshot?.endpoints.count ?? 0
+        let target = endpoint.map { $0.endpoint.podName ?? $0.endpoint.address }
+        let directorID = tracer.newSpanID(using: &rng)
+        var director: [(String, SpanRecord.Value)] = [
+            ("gateway.admission.candidate_pods", .int(candidates)),
+            ("gateway.admission.priority", .int(snapshot?.objectives.priority(for: info.objective) ?? 0)),
+            ("gateway.admission.result", .string(routed ? "admitted" : done ? "rejected" : "queued")),
+        ]
+        if let target { director.append(("gateway.target_pod.name", .string(target))) }
+        childSpans.append(SpanRecord(name: "gateway.director.handle_request", kind: .internal,
+                                     context: TraceContext(traceID: span.traceID, spanID: directorID, sampled: true),
+                                     parentSpanID: span.spanID, startUnixNanos: unixTime(start),
+                                     endUnixNanos: unixTime(end), attributes: director))
+        if schedulerStart != 0 {
+            var scheduler: [(String, SpanRecord.Value)] = [
+                ("gateway.scheduler.candidate_pods", .int(candidates)),
+                ("gateway.request.id", .string(info.requestID ?? generatedRequestID ?? "")),
+                ("gateway.scheduler.result", .string(endpoint != nil ? "scheduled" : "failed")),
+            ]
+            if let target { scheduler.append(("gateway.target_pod.name", .string(target))) }
+            childSpans.append(SpanRecord(name: "gateway.scheduler.schedule", kind: .internal,
+                                         context: TraceContext(traceID: span.traceID, spanID: tracer.newSpanID(using: &rng), sampled: true),
+                                         parentSpanID: directorID, startUnixNanos: unixTime(schedulerStart),
+                                         endUnixNanos: unixTime(max(schedulerEnd, schedulerStart)), attributes: scheduler))
+        }
+        if let address = endpoint?.endpoint.address { routedAddress = address }
+        decision?.changes.setHeaders.append((WireNames.traceparentHeader, span.traceparent))
+    }
+
+    /// Ends this request's `gateway.request` span and hands it, with its children, to the exporter.
+    private func finishTrace(_ result: RequestOutcome.Result) {
+        guard let span, let tracer = configuration.tracer else { return }
+        self.span = nil
+        var attributes: [(String, SpanRecord.Value)] = []
+        if let model = clientModel ?? scanner.modelValue { attributes.append(("gen_ai.request.model", .string(model))) }
+        if let target = targetModel { attributes.append(("gateway.target_model", .string(target))) }
+        if let rewriteName { attributes.append(("gateway.model_rewrite", .string(rewriteName))) }
+        attributes.append(("gateway.request.size_bytes", .int(bodyBytes)))
+        attributes.append(("gateway.request.id", .string(info.requestID ?? generatedRequestID ?? "")))
+        if let routedAddress { attributes.append(("gateway.destination_endpoint", .string(routedAddress))) }
+        if rewriter != nil { attributes.append(("gateway.response.streaming", .bool(responseStreaming))) }
+        if let usage = rewriter?.usage {
+            if let n = usage.promptTokens { attributes.append(("gen_ai.usage.prompt_tokens", .int(n))) }
+            if let n = usage.completionTokens { attributes.append(("gen_ai.usage.completion_tokens", .int(n))) }
+        }
+        var error: String?
+        switch result {
+        case .completed:
+            attributes.append(("gateway.request.outcome", .string("completed")))
+        case .refused(let status, let reason):
+            attributes.append(("gateway.request.outcome", .string("refused")))
+            attributes.append(("http.response.status_code", .int(status)))
+            error = reason
+        case .abandoned:
+            attributes.append(("gateway.request.outcome", .string("abandoned")))
+        case .protocolError:
+            attributes.append(("gateway.request.outcome", .string("protocol_error")))
+            error = "ext_proc protocol error"
+        }
+        childSpans.append(SpanRecord(name: "gateway.request", kind: .server, context: span, parentSpanID: parentSpanID,
+                                     startUnixNanos: spanStartUnix, endUnixNanos: unixTime(MonotonicClock.nanoseconds),
+                                     attributes: attributes, errorMessage: error))
+        tracer.record(childSpans)
+        childSpans = []
+    }
+
+    /// Wall-clock time of a monotonic reading, anchored at the span's start.
+    private func unixTime(_ monotonic: UInt64) -> UInt64 {
+        spanStartUnix &+ (monotonic &- spanStartMono)
     }
 
     // MARK: Errors

@@ -12,6 +12,8 @@ typealias BodySendMode = Envoy_Extensions_Filters_Http_ExtProc_V3_ProcessingMode
 /// Names shared with the reference EPP and the gateways that drive it.
 public enum WireNames {
     public static let destinationHeader = "x-gateway-destination-endpoint"
+    /// W3C trace context, set to the picker's span for sampled requests.
+    static let traceparentHeader = "traceparent"
     public static let destinationMetadataNamespace = "envoy.lb"
     public static let subsetHintNamespace = "envoy.lb.subset_hint"
     public static let subsetHintKey = "x-gateway-destination-endpoint-subset"

@@ -1,5 +1,6 @@
 import Foundation
 import Protos
+import Tracing
 
 /// The OpenAI-compatible API a request path names, and the body field it requires.
 enum InferenceAPIKind {
@@ -48,13 +49,16 @@ struct RequestInfo {
     var affinityHeaderValue: String?
     var modelRewriteHeader: String?
     var objective: String?
+    /// The gateway's `traceparent` (parsed only when tracing is on).
+    var traceparent: TraceContext?
     /// `ip:port` list from the gateway's subset hint; nil when absent (all endpoints allowed).
     var subset: [String]?
     var api: InferenceAPIKind = .other
 
     init() {}
 
-    init(_ headers: HeadersView, metadata: Envoy_Config_Core_V3_Metadata?, affinityHeader: String?) throws {
+    init(_ headers: HeadersView, metadata: Envoy_Config_Core_V3_Metadata?, affinityHeader: String?,
+         tracing: Bool = false) throws {
         let affinity = affinityHeader.map { Array($0.utf8) }
         try headers.forEach { key, value in
             guard let first = key.first else { return }
@@ -65,6 +69,8 @@ struct RequestInfo {
                 else if key.equals(":method") { method = String(decoding: value, as: UTF8.self) }
             case UInt8(ascii: "c"):
                 if key.equals("content-length") { contentLength = Int(String(decoding: value, as: UTF8.self)) }
+            case UInt8(ascii: "t"):
+                if tracing && key.equals("traceparent") { traceparent = TraceContext(traceparent: value) }
             case UInt8(ascii: "x"):
                 if key.equals("x-request-id") { requestID = String(decoding: value, as: UTF8.self) }
                 else if key.equals("x-gateway-model-name-rewrite") || key.equals("x-llm-d-model-name-rewrite") {

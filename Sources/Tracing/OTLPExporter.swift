@@ -1,0 +1,274 @@
+import Foundation
+import Logging
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+import OpenSSLTLS
+import Protos
+import SwiftProtobuf
+
+/// Sends the tracer's spans to an OpenTelemetry collector: OTLP over HTTP/1.1 with protobuf
+/// bodies (`POST …/v1/traces`, the OTLP default protocol), every `interval`, from an event loop,
+/// never from the request path. A collector that is down or answers an error costs the batch
+/// (OTLP exporters do not spool to disk) and one warning a minute; the queue stays bounded.
+public final class OTLPExporter: Sendable {
+    public struct Configuration: Sendable {
+        /// Full URL of the traces endpoint, e.g. `http://otel-collector:4318/v1/traces`.
+        public var endpoint: String
+        /// Extra request headers (`OTEL_EXPORTER_OTLP_HEADERS`), e.g. an API key.
+        public var headers: [(String, String)] = []
+        /// Resource attributes; `service.name` among them.
+        public var resource: [(String, String)] = [("service.name", "swift-epp")]
+        public var interval: TimeAmount = .seconds(1)
+        public var timeout: TimeAmount = .seconds(5)
+        /// Spans per request body.
+        public var batchSize = 2048
+
+        public init(endpoint: String) {
+            self.endpoint = endpoint
+        }
+    }
+
+    struct Target: Sendable {
+        var host: String
+        var port: Int
+        var path: String
+        var tls: Bool
+
+        /// Parses `http(s)://host[:port][/path]` (IPv6 hosts in brackets).
+        init(url: String) throws {
+            guard let c = URLComponents(string: url), let scheme = c.scheme?.lowercased(),
+                  scheme == "http" || scheme == "https", let host = c.host, !host.isEmpty else {
+                throw OTLPExporterError("tracing endpoint must be an http:// or https:// URL, got '\(url)'")
+            }
+            tls = scheme == "https"
+            self.host = host.hasPrefix("[") ? String(host.dropFirst().dropLast()) : host
+            port = c.port ?? (tls ? 443 : 80)
+            path = c.path.isEmpty ? "/" : c.path + (c.query.map { "?\($0)" } ?? "")
+        }
+
+        var hostHeader: String {
+            let h = host.contains(":") ? "[\(host)]" : host
+            return (tls && port == 443) || (!tls && port == 80) ? h : "\(h):\(port)"
+        }
+    }
+
+    public let tracer: Tracer
+    private let configuration: Configuration
+    private let target: Target
+    private let tlsContext: TLSContext?
+    private let loop: any EventLoop
+    private let logger: Logger
+    private let state: NIOLoopBoundBox<State>
+
+    private struct State {
+        var task: RepeatedTask?
+        var failingSince: NIODeadline?
+        var lastWarning: NIODeadline?
+        var exportedSpans = 0
+    }
+
+    public init(tracer: Tracer, configuration: Configuration, loop: any EventLoop, logger: Logger) throws {
+        self.tracer = tracer
+        self.configuration = configuration
+        target = try Target(url: configuration.endpoint)
+        tlsContext = target.tls
+            ? try TLSContext.client(trustRootsPEM: nil, trustRootsFile: nil, clientCertificatePEM: nil, clientKeyPEM: nil,
+                                    insecureSkipVerify: false, alpn: ["http/1.1"])
+            : nil
+        self.loop = loop
+        self.logger = logger
+        state = NIOLoopBoundBox(State(), eventLoop: loop)
+    }
+
+    public func start() {
+        loop.execute { [self] in
+            guard state.value.task == nil else { return }
+            state.value.task = loop.scheduleRepeatedAsyncTask(initialDelay: configuration.interval,
+                                                              delay: configuration.interval) { [self] _ in
+                exportQueued()
+            }
+        }
+    }
+
+    /// Stops the timer and sends what is queued (bounded by the timeout).
+    public func shutdown() async {
+        let flushed: EventLoopFuture<Void> = loop.flatSubmit { [self] in
+            state.value.task?.cancel()
+            state.value.task = nil
+            return exportQueued()
+        }
+        _ = try? await flushed.get()
+    }
+
+    /// Spans exported so far (for tests and the log).
+    public var exportedSpans: Int {
+        get async { (try? await loop.submit { [self] in state.value.exportedSpans }.get()) ?? 0 }
+    }
+
+    /// Sends every queued span, batch after batch, until the queue is empty or a send fails.
+    private func exportQueued() -> EventLoopFuture<Void> {
+        let batch = tracer.drain(limit: configuration.batchSize)
+        guard !batch.isEmpty else { return loop.makeSucceededVoidFuture() }
+        let body: [UInt8]
+        do {
+            body = try Self.encode(batch, resource: configuration.resource).serializedBytes()
+        } catch {
+            logger.error("cannot encode spans", metadata: ["error": "\(error)"])
+            return loop.makeSucceededVoidFuture()
+        }
+        return post(body).flatMap { [self] status -> EventLoopFuture<Void> in
+            if (200..<300).contains(status) {
+                succeeded(batch.count)
+                return tracer.queuedCount > 0 ? exportQueued() : loop.makeSucceededVoidFuture()
+            }
+            failed("collector answered HTTP \(status)", lost: batch.count)
+            return loop.makeSucceededVoidFuture()
+        }.flatMapErrorThrowing { [self] error in
+            failed("\(error)", lost: batch.count)
+        }
+    }
+
+    private func succeeded(_ count: Int) {
+        state.value.exportedSpans += count
+        if let since = state.value.failingSince {
+            logger.info("exporting spans again", metadata: ["endpoint": "\(configuration.endpoint)",
+                                                            "failing-for-seconds": "\((NIODeadline.now() - since).nanoseconds / 1_000_000_000)"])
+            state.value.failingSince = nil
+            state.value.lastWarning = nil
+        }
+    }
+
+    private func failed(_ why: String, lost: Int) {
+        let now = NIODeadline.now()
+        if state.value.failingSince == nil { state.value.failingSince = now }
+        if let last = state.value.lastWarning, now - last < .seconds(60) { return }
+        state.value.lastWarning = now
+        var hint = ""
+        if target.port == 4317 {
+            hint = " (4317 is the collector's OTLP/gRPC port; this exporter speaks OTLP/HTTP, usually port 4318)"
+        }
+        logger.warning("cannot export spans; the batch is dropped\(hint)", metadata: [
+            "endpoint": "\(configuration.endpoint)", "error": "\(why)", "spans-lost": "\(lost)",
+            "spans-dropped-queue-full": "\(tracer.dropped)",
+        ])
+    }
+
+    /// One POST on a fresh connection (one per interval at most, so no pool is worth keeping).
+    private func post(_ body: [UInt8]) -> EventLoopFuture<Int> {
+        let promise = loop.makePromise(of: Int.self)
+        let target = target
+        let tls = tlsContext
+        let timeout = configuration.timeout
+        var head = HTTPRequestHead(version: .http1_1, method: .POST, uri: target.path)
+        head.headers.add(name: "host", value: target.hostHeader)
+        head.headers.add(name: "content-type", value: "application/x-protobuf")
+        head.headers.add(name: "content-length", value: String(body.count))
+        head.headers.add(name: "user-agent", value: "swift-epp")
+        head.headers.add(name: "connection", value: "close")
+        for (name, value) in configuration.headers { head.headers.add(name: name, value: value) }
+        let request = head
+        let deadline = loop.scheduleTask(in: timeout) {
+            promise.fail(OTLPExporterError("no answer within \(timeout.nanoseconds / 1_000_000) ms"))
+        }
+        ClientBootstrap(group: loop)
+            .connectTimeout(timeout)
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    if let tls {
+                        try channel.pipeline.syncOperations.addHandler(
+                            OpenSSLHandler(context: tls, role: .client(serverHostname: target.host), handshakeTimeout: nil))
+                    }
+                    try channel.pipeline.syncOperations.addHTTPClientHandlers()
+                    try channel.pipeline.syncOperations.addHandler(StatusHandler(promise: promise))
+                }
+            }
+            .connect(host: target.host, port: target.port)
+            .whenComplete { result in
+                switch result {
+                case .success(let channel):
+                    var buffer = channel.allocator.buffer(capacity: body.count)
+                    buffer.writeBytes(body)
+                    channel.write(HTTPClientRequestPart.head(request), promise: nil)
+                    channel.write(HTTPClientRequestPart.body(.byteBuffer(buffer)), promise: nil)
+                    channel.writeAndFlush(HTTPClientRequestPart.end(nil), promise: nil)
+                    promise.futureResult.whenComplete { _ in channel.close(promise: nil) }
+                case .failure(let error):
+                    promise.fail(error)
+                }
+            }
+        promise.futureResult.whenComplete { _ in deadline.cancel() }
+        return promise.futureResult
+    }
+
+    static func encode(_ spans: [SpanRecord], resource: [(String, String)]) -> Opentelemetry_Proto_Collector_Trace_V1_ExportTraceServiceRequest {
+        var scope = Opentelemetry_Proto_Trace_V1_ScopeSpans()
+        scope.scope.name = "swift-epp"
+        scope.spans = spans.map { s in
+            var span = Opentelemetry_Proto_Trace_V1_Span()
+            span.traceID = Data(s.context.traceID.bytes)
+            span.spanID = Data(bigEndianBytes(s.context.spanID))
+            if s.parentSpanID != 0 { span.parentSpanID = Data(bigEndianBytes(s.parentSpanID)) }
+            span.flags = s.context.sampled ? 1 : 0
+            span.name = s.name
+            span.kind = s.kind == .server ? .server : .internal
+            span.startTimeUnixNano = s.startUnixNanos
+            span.endTimeUnixNano = s.endUnixNanos
+            span.attributes = s.attributes.map { keyValue($0.0, $0.1) }
+            if let message = s.errorMessage {
+                span.status.code = .error
+                span.status.message = message
+            }
+            return span
+        }
+        var rs = Opentelemetry_Proto_Trace_V1_ResourceSpans()
+        rs.resource.attributes = resource.map { keyValue($0.0, .string($0.1)) }
+        rs.scopeSpans = [scope]
+        var request = Opentelemetry_Proto_Collector_Trace_V1_ExportTraceServiceRequest()
+        request.resourceSpans = [rs]
+        return request
+    }
+
+    private static func keyValue(_ key: String, _ value: SpanRecord.Value) -> Opentelemetry_Proto_Common_V1_KeyValue {
+        var kv = Opentelemetry_Proto_Common_V1_KeyValue()
+        kv.key = key
+        switch value {
+        case .string(let s): kv.value.value = .stringValue(s)
+        case .int(let i): kv.value.value = .intValue(Int64(i))
+        case .bool(let b): kv.value.value = .boolValue(b)
+        }
+        return kv
+    }
+}
+
+public struct OTLPExporterError: Error, CustomStringConvertible, Sendable {
+    public let description: String
+    init(_ description: String) { self.description = description }
+}
+
+/// Completes the promise with the response's status once the response has ended.
+private final class StatusHandler: ChannelInboundHandler {
+    typealias InboundIn = HTTPClientResponsePart
+    private let promise: EventLoopPromise<Int>
+    private var status: Int?
+
+    init(promise: EventLoopPromise<Int>) { self.promise = promise }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        switch unwrapInboundIn(data) {
+        case .head(let head): status = Int(head.status.code)
+        case .body: break
+        case .end: if let status { promise.succeed(status) }
+        }
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        promise.fail(OTLPExporterError(status.map { "connection closed after HTTP \($0)" } ?? "connection closed without an answer"))
+        context.fireChannelInactive()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        promise.fail(error)
+        context.close(promise: nil)
+    }
+}
