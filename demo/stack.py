@@ -177,7 +177,7 @@ class Stack:
         return p
 
     def epp(self, endpoints, config_dir=None, grpc_port=None, extra=(), configuration="debug",
-            pool_name="vllm-pool", cpu=None, log_level="info", name="epp"):
+            pool_name="vllm-pool", cpu=None, log_level="info", name="epp", env=None):
         grpc_port = grpc_port or free_port()
         health_port = free_port()
         metrics_port = free_port()
@@ -188,7 +188,7 @@ class Stack:
         if config_dir:
             args += ["--config-dir", config_dir]
         args += list(extra)
-        p = self.add(Proc(name, args, self.logdir, cpu=cpu))
+        p = self.add(Proc(name, args, self.logdir, cpu=cpu, env={**os.environ, **env} if env else None))
         p.grpc_port, p.health_port, p.metrics_port = grpc_port, health_port, metrics_port
         p.address = f"127.0.0.1:{grpc_port}"
         wait_tcp("127.0.0.1", grpc_port, proc=p)

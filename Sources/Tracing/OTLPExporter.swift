@@ -78,7 +78,7 @@ public final class OTLPExporter: Sendable {
             : nil
         self.loop = loop
         self.logger = logger
-        state = NIOLoopBoundBox(State(), eventLoop: loop)
+        state = .makeBoxSendingValue(State(), eventLoop: loop)
     }
 
     public func start() {

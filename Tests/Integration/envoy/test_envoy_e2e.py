@@ -621,3 +621,38 @@ def test_prefix_affinity_through_envoy(seed_gateway):
         assert len(dests) == 1, f"conversation {j} spread over {dests}"
         homes[j] = dests.pop()
     assert len(set(homes.values())) == 2, homes
+
+
+def test_tracing_through_envoy_backend_continues_the_trace(gateway_factory):
+    """A client's sampled traceparent through Envoy: the picker exports its spans to an OTLP/HTTP
+    collector (stand-in: otlp_receiver.py) and the vLLM backend receives a traceparent in the same
+    trace whose parent is the picker's gateway.request span, so the backend's spans nest under it."""
+    from otlp_receiver import Receiver, attributes
+    collector = Receiver()
+    try:
+        gw = gateway_factory(name="traced", extra=["--tracing", "--tracing-endpoint", collector.url,
+                                                   "--tracing-sample-ratio", "0", "--tracing-export-interval", "100ms"])
+        trace, parent = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
+        r = request(gw.port, "POST", "/v1/completions", completion(model="opt-stable"),
+                    headers={"traceparent": f"00-{trace}-{parent}-01"})
+        assert r.status == 200, r
+        seen = dict((k.lower(), v) for k, v in r.json()["echo"]["headers"])["traceparent"]
+        _, seen_trace, seen_parent, flags = seen.split("-")
+        assert seen_trace == trace and flags == "01" and seen_parent != parent
+        spans = collector.wait_spans(lambda s: any(x.name == "gateway.request" for _, x in s))
+        root = next(x for _, x in spans if x.name == "gateway.request")
+        assert root.trace_id.hex() == trace and root.parent_span_id.hex() == parent
+        assert root.span_id.hex() == seen_parent
+        a = attributes(root)
+        assert a["gen_ai.request.model"] == "opt-stable" and a["gateway.target_model"] in TARGETS
+        assert a["gateway.destination_endpoint"] == r.json()["echo"]["destination"]
+        # Unsampled: the client's traceparent reaches the backend untouched and nothing is exported.
+        before = len(collector.spans)
+        r = request(gw.port, "POST", "/v1/completions", completion(model="opt-stable"),
+                    headers={"traceparent": f"00-{trace}-{parent}-00"})
+        seen = dict((k.lower(), v) for k, v in r.json()["echo"]["headers"])["traceparent"]
+        assert seen == f"00-{trace}-{parent}-00"
+        time.sleep(0.5)
+        assert len(collector.spans) == before
+    finally:
+        collector.close()

@@ -25,13 +25,13 @@ class EppFactory:
         self.tmp = tmp_path_factory
         self.stacks = []
 
-    def __call__(self, extra=(), endpoints=ENDPOINTS, rules=RULES, name="epp"):
+    def __call__(self, extra=(), endpoints=ENDPOINTS, rules=RULES, name="epp", env=None):
         d = self.tmp.mktemp(name)
         (d / "config").mkdir()
         (d / "config" / "rules.yaml").write_text(rules)
         st = stack.Stack(d / "logs")
         self.stacks.append(st)
-        return st.epp(endpoints, config_dir=d / "config", extra=list(extra))
+        return st.epp(endpoints, config_dir=d / "config", extra=list(extra), env=env)
 
     def stop(self):
         for st in self.stacks:

@@ -1,0 +1,69 @@
+"""A stand-in OpenTelemetry collector for tests: OTLP/HTTP on 127.0.0.1 (POST /v1/traces with a
+protobuf ExportTraceServiceRequest), decoded with the PyPI opentelemetry-proto messages — an
+independent decoder of what the picker sends, as a real collector would use. It keeps every span
+with its resource attributes and the request headers, and can answer errors on demand."""
+import http.server
+import threading
+import time
+
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+
+
+class Receiver:
+    def __init__(self):
+        self.spans = []          # (resource attributes dict, span protobuf)
+        self.requests = []       # request headers (dict, lower-case names) per POST
+        self.status = 200        # what to answer next
+        self.lock = threading.Lock()
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("content-length", "0")))
+                with receiver.lock:
+                    receiver.requests.append({k.lower(): v for k, v in self.headers.items()} | {":path": self.path})
+                    status = receiver.status
+                    if status == 200 and self.path == "/v1/traces":
+                        req = trace_service_pb2.ExportTraceServiceRequest.FromString(body)
+                        for rs in req.resource_spans:
+                            attrs = {kv.key: kv.value.string_value for kv in rs.resource.attributes}
+                            for ss in rs.scope_spans:
+                                receiver.spans.extend((attrs, s) for s in ss.spans)
+                out = trace_service_pb2.ExportTraceServiceResponse().SerializeToString() if status == 200 else b"no"
+                self.send_response(status if self.path == "/v1/traces" else 404)
+                self.send_header("content-type", "application/x-protobuf")
+                self.send_header("content-length", str(len(out)))
+                self.end_headers()
+                self.wfile.write(out)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}/v1/traces"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def wait_spans(self, predicate, timeout=10.0):
+        """Spans (resource, span) once `predicate(all spans)` holds; fails after `timeout`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self.lock:
+                spans = list(self.spans)
+            if predicate(spans):
+                return spans
+            if time.monotonic() > deadline:
+                raise AssertionError(f"spans not as expected after {timeout}s: {[s.name for _, s in spans]}")
+            time.sleep(0.05)
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def attributes(span):
+    out = {}
+    for kv in span.attributes:
+        v = kv.value
+        out[kv.key] = getattr(v, v.WhichOneof("value"))
+    return out
