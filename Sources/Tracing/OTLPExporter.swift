@@ -65,7 +65,6 @@ public final class OTLPExporter: Sendable {
         var task: RepeatedTask?
         var failingSince: NIODeadline?
         var lastWarning: NIODeadline?
-        var exportedSpans = 0
     }
 
     public init(tracer: Tracer, configuration: Configuration, loop: any EventLoop, logger: Logger) throws {
@@ -101,11 +100,6 @@ public final class OTLPExporter: Sendable {
         _ = try? await flushed.get()
     }
 
-    /// Spans exported so far (for tests and the log).
-    public var exportedSpans: Int {
-        get async { (try? await loop.submit { [self] in state.value.exportedSpans }.get()) ?? 0 }
-    }
-
     /// Sends every queued span, batch after batch, until the queue is empty or a send fails.
     private func exportQueued() -> EventLoopFuture<Void> {
         let batch = tracer.drain(limit: configuration.batchSize)
@@ -130,7 +124,6 @@ public final class OTLPExporter: Sendable {
     }
 
     private func succeeded(_ count: Int) {
-        state.value.exportedSpans += count
         if let since = state.value.failingSince {
             logger.info("exporting spans again", metadata: ["endpoint": "\(configuration.endpoint)",
                                                             "failing-for-seconds": "\((NIODeadline.now() - since).nanoseconds / 1_000_000_000)"])

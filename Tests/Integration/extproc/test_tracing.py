@@ -172,3 +172,16 @@ def test_unreachable_collector_and_bad_settings(epp_factory, collector):
                           "--tracing-endpoint", "grpc://collector:4317", "--grpc-port", "0"],
                          capture_output=True, text=True, timeout=20)
     assert out.returncode != 0 and "http:// or https://" in (out.stdout + out.stderr)
+
+
+def test_spans_are_flushed_at_shutdown(epp_factory, collector):
+    """Spans still queued when the picker is told to stop (SIGTERM) are sent before it exits."""
+    e = epp_factory(extra=["--tracing", "--tracing-endpoint", collector.url, "--tracing-sample-ratio", "1",
+                           "--tracing-export-interval", "10m"], name="traced-shutdown")
+    body = json.dumps({"model": "alias", "prompt": "x"}).encode()
+    run(e, lambda ch: full_request(ch, body, headers={"x-request-id": "last-words"}))
+    time.sleep(0.3)
+    assert collector.spans == [], "nothing exported before the (10 min) interval"
+    assert e.stop() == 0
+    names = [x.name for _, x in collector.spans if attributes(x).get("gateway.request.id") in (None, "last-words")]
+    assert "gateway.request" in names and len(collector.spans) == 3
