@@ -8,6 +8,8 @@ is pinned to CPU 0, h2load to CPU 1. Reports cycles/s and picker CPU µs per cyc
 /proc over the measured window). Floor: ≥ 50,000 cycles/s.
 """
 import json
+import os
+import shlex
 import socket
 import struct
 import sys
@@ -78,8 +80,9 @@ def verify_one_cycle(port, payload):
 def main():
     st = stack.Stack()
     try:
+        # BENCH_EPP_ARGS: extra picker flags, to price a feature (e.g. "--tracing --tracing-sample-ratio 1").
         epp = st.epp(["127.0.0.2:8000", "127.0.0.3:8000"], config_dir=stack.DEMO / "config", configuration="release",
-                     cpu=bl.SERVER_CPU, log_level="warning")
+                     cpu=bl.SERVER_CPU, log_level="warning", extra=shlex.split(os.environ.get("BENCH_EPP_ARGS", "")))
         payload = cycle_payload()
         kinds, trailers = verify_one_cycle(epp.grpc_port, payload)
         print(f"verified one cycle: replies {kinds}, grpc-status {trailers.get('grpc-status')}")
