@@ -3,7 +3,8 @@
 # xds-protos (Envoy API), grpcio-health-checking (grpc.health.v1) and opentelemetry-proto (OTLP
 # traces); no .proto files needed.
 # Needs: protoc (Debian protobuf-compiler), a Python with xds-protos + grpcio-health-checking +
-# opentelemetry-proto,
+# opentelemetry-proto==1.45.2 installed after xds-protos (which ships an old copy of the OTLP modules:
+#   pip install --force-reinstall --no-deps opentelemetry-proto==1.45.2),
 # and protoc-gen-swift built from the swift-protobuf version in Package.swift:
 #   PROTOC_GEN_SWIFT=/path/to/protoc-gen-swift PYTHON=.venv/bin/python scripts/generate-protos.sh
 set -euo pipefail

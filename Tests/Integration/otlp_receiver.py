@@ -1,12 +1,31 @@
 """A stand-in OpenTelemetry collector for tests: OTLP/HTTP on 127.0.0.1 (POST /v1/traces with a
-protobuf ExportTraceServiceRequest), decoded with the PyPI opentelemetry-proto messages — an
-independent decoder of what the picker sends, as a real collector would use. It keeps every span
-with its resource attributes and the request headers, and can answer errors on demand."""
+protobuf ExportTraceServiceRequest), decoded by the protobuf library with the official OTLP schema —
+an independent decoder of what the picker sends, as a real collector would use. It keeps every span
+with its resource attributes and the request headers, and can answer errors on demand.
+
+The schema is otlp_trace_descriptors.pb, the FileDescriptorSet of PyPI opentelemetry-proto 1.45.2
+(`scripts/gen_descriptor_set.py --preset otlp -o ...`), loaded into a private descriptor pool: the
+xds-protos wheel installs an older copy of the same OTLP modules, so importing them could give either.
+"""
 import http.server
 import threading
 import time
+from pathlib import Path
 
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+
+def _otlp_classes():
+    fds = descriptor_pb2.FileDescriptorSet.FromString((Path(__file__).parent / "otlp_trace_descriptors.pb").read_bytes())
+    pool = descriptor_pool.DescriptorPool()
+    for f in fds.file:  # dependencies first
+        pool.Add(f)
+    get = lambda name: message_factory.GetMessageClass(pool.FindMessageTypeByName(name))
+    return (get("opentelemetry.proto.collector.trace.v1.ExportTraceServiceRequest"),
+            get("opentelemetry.proto.collector.trace.v1.ExportTraceServiceResponse"))
+
+
+ExportTraceServiceRequest, ExportTraceServiceResponse = _otlp_classes()
 
 
 class Receiver:
@@ -24,12 +43,12 @@ class Receiver:
                     receiver.requests.append({k.lower(): v for k, v in self.headers.items()} | {":path": self.path})
                     status = receiver.status
                     if status == 200 and self.path == "/v1/traces":
-                        req = trace_service_pb2.ExportTraceServiceRequest.FromString(body)
+                        req = ExportTraceServiceRequest.FromString(body)
                         for rs in req.resource_spans:
                             attrs = {kv.key: kv.value.string_value for kv in rs.resource.attributes}
                             for ss in rs.scope_spans:
                                 receiver.spans.extend((attrs, s) for s in ss.spans)
-                out = trace_service_pb2.ExportTraceServiceResponse().SerializeToString() if status == 200 else b"no"
+                out = ExportTraceServiceResponse().SerializeToString() if status == 200 else b"no"
                 self.send_response(status if self.path == "/v1/traces" else 404)
                 self.send_header("content-type", "application/x-protobuf")
                 self.send_header("content-length", str(len(out)))

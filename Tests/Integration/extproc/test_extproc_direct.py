@@ -766,7 +766,9 @@ def test_held_body_budget_refuses_only_the_request_that_overflows(epp_factory):
         assert await s1.no_reply_within(0.3)
         s2 = Stream(ch)
         await s2.send(req_headers(headers=shed))
-        await send_chunks(s2, b'{"prompt":"' + b"t" * 100_000)
+        # Two chunks: 450 KB + 2 × 32 KiB passes half the budget. Nothing more is sent: the picker has
+        # ended the stream, and a write after that fails (how soon depends on timing).
+        await send_chunks(s2, (b'{"prompt":"' + b"t" * 100_000)[:2 * chunk])
         r = await s2.recv()
         assert kind(r) == "immediate_response" and r.immediate_response.status.code == 503, r
         n = Stream(ch)
