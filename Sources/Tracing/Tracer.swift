@@ -94,8 +94,10 @@ public final class Tracer: Sendable {
     func drain(limit: Int) -> [SpanRecord] {
         queue.withLockedValue { q in
             if q.count <= limit {
-                defer { q.removeAll(keepingCapacity: true) }
-                return q
+                // Hand the buffer over whole (keeping its capacity would copy it: it is shared now).
+                let all = q
+                q = []
+                return all
             }
             let batch = Array(q.prefix(limit))
             q.removeFirst(limit)
