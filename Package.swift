@@ -3,7 +3,8 @@
 // One target per layer; dependencies point downwards only:
 //   CNGHTTP2, COpenSSL      C system-library shims
 //   OpenSSLTLS              TLS over OpenSSL memory BIOs as a NIO channel handler (server + client)
-//   NGHTTP2Server           thin Swift wrapper over an nghttp2 server session, driven by NIO
+//   NGHTTP2Server           thin Swift wrapper over nghttp2: the server session driven by NIO, and a
+//                           one-request client session (OTLP/gRPC export)
 //   GRPCServer              gRPC framing, status, routing, deadlines and the health service
 //   Protos                  generated protobuf messages (ext_proc, grpc.health.v1)
 //   StreamingJSON           incremental JSON scanning and in-place model rewriting
@@ -12,7 +13,7 @@
 //   Kubernetes              API client, reflectors, status writer, leader election
 //   ModelServerMetrics      scrapes each model server's /metrics (vLLM load) for the picker
 //   EPPMetrics              Prometheus metrics of the request path and the /metrics listener
-//   Tracing                 W3C trace context, sampling, OTLP/HTTP span export (OpenTelemetry)
+//   Tracing                 W3C trace context, sampling, OTLP span export over HTTP or gRPC
 //   EPP + epp               assembly and the executable
 import PackageDescription
 
@@ -69,7 +70,7 @@ let package = Package(
             .product(name: "Yams", package: "Yams"),
         ], swiftSettings: hotPath),
         .target(name: "Tracing", dependencies: [
-            "Protos", "OpenSSLTLS",
+            "Protos", "OpenSSLTLS", "NGHTTP2Server",
             .product(name: "Atomics", package: "swift-atomics"),
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),

@@ -59,7 +59,8 @@ public struct EPPCommand: AsyncParsableCommand {
     @Option(help: .hidden) var zapStacktraceLevel: String?
     @Option(help: .hidden) var zapTimeEncoding: String?
     @Option(help: "OpenTelemetry tracing: spans per sampled request (gateway.request, routing, scheduling) exported over OTLP/HTTP, and the backend's traceparent set to them. Reads the OTEL_* environment (endpoint, headers, sampler, service name).") var tracing = false
-    @Option(help: "OTLP/HTTP traces URL (default: $OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, else $OTEL_EXPORTER_OTLP_ENDPOINT/v1/traces, else http://localhost:4318/v1/traces).") var tracingEndpoint: String?
+    @Option(help: "Collector URL: OTLP/HTTP traces URL or OTLP/gRPC address (default: $OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, else $OTEL_EXPORTER_OTLP_ENDPOINT (+ /v1/traces for OTLP/HTTP), else http://localhost:4318/v1/traces).") var tracingEndpoint: String?
+    @Option(help: "OTLP protocol: grpc or http/protobuf (default: $OTEL_EXPORTER_OTLP_TRACES_PROTOCOL or $OTEL_EXPORTER_OTLP_PROTOCOL, else grpc when the endpoint's port is 4317, else http/protobuf).") var tracingProtocol: String?
     @Option(help: "Share of requests without a sampled traceparent that are traced, 0-1 (default: $OTEL_TRACES_SAMPLER / _ARG, else 0.1); a sampled traceparent is always followed.") var tracingSampleRatio: Double?
     @Option(help: "Seconds (or a Go duration) between span exports (default: $OTEL_BSP_SCHEDULE_DELAY ms, else 1 s).", transform: parseSeconds) var tracingExportInterval: Double?
     @Option(help: "Bearer-token auth on /metrics, as the reference: a TokenReview and a SubjectAccessReview (get /metrics) per token, cached; on by default in Kubernetes mode, unavailable standalone.") var metricsEndpointAuth: Bool?

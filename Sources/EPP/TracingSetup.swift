@@ -7,6 +7,8 @@ import Tracing
 /// tracer and its exporter. Flags win over the environment.
 struct TracingSetup {
     var endpoint: String
+    /// OTLP/gRPC rather than OTLP/HTTP.
+    var grpc: Bool
     var headers: [(String, String)]
     var resource: [(String, String)]
     var sampleRatio: Double
@@ -15,18 +17,29 @@ struct TracingSetup {
     var notes: [String] = []
 
     init(_ options: EPPCommand, environment env: [String: String] = ProcessInfo.processInfo.environment) throws {
-        if let flag = options.tracingEndpoint {
-            endpoint = flag
-        } else if let traces = env["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"], !traces.isEmpty {
-            endpoint = traces
-        } else if let base = env["OTEL_EXPORTER_OTLP_ENDPOINT"], !base.isEmpty {
-            endpoint = (base.hasSuffix("/") ? String(base.dropLast()) : base) + "/v1/traces"
-        } else {
-            endpoint = "http://localhost:4318/v1/traces"
+        // The protocol: asked for, or else gRPC when the endpoint names the collector's gRPC port
+        // 4317 (the reference's Go exporter speaks only gRPC, and its chart points there).
+        let proto = options.tracingProtocol ?? env["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"] ?? env["OTEL_EXPORTER_OTLP_PROTOCOL"]
+        var asked: Bool?
+        switch proto {
+        case "grpc"?: asked = true
+        case "http/protobuf"?: asked = false
+        case nil: asked = nil
+        case let other?:
+            notes.append("OTLP protocol \(other) is not supported; using http/protobuf")
+            asked = false
         }
-        let proto = env["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"] ?? env["OTEL_EXPORTER_OTLP_PROTOCOL"]
-        if let proto, proto != "http/protobuf" {
-            notes.append("OTLP protocol \(proto) is not supported; spans go out as OTLP/HTTP protobuf")
+        let isGRPCPort = { (url: String) in URLComponents(string: url)?.port == 4317 }
+        if let url = options.tracingEndpoint ?? env["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"].flatMap({ $0.isEmpty ? nil : $0 }) {
+            grpc = asked ?? isGRPCPort(url)
+            endpoint = url
+        } else if let base = env["OTEL_EXPORTER_OTLP_ENDPOINT"], !base.isEmpty {
+            grpc = asked ?? isGRPCPort(base)
+            // OTLP/HTTP appends the signal's path to the base URL; gRPC uses it as it is.
+            endpoint = grpc ? base : (base.hasSuffix("/") ? String(base.dropLast()) : base) + "/v1/traces"
+        } else {
+            grpc = asked ?? false
+            endpoint = grpc ? "http://localhost:4317" : "http://localhost:4318/v1/traces"
         }
         headers = Self.pairs(env["OTEL_EXPORTER_OTLP_TRACES_HEADERS"] ?? env["OTEL_EXPORTER_OTLP_HEADERS"] ?? "")
         var resource = Self.pairs(env["OTEL_RESOURCE_ATTRIBUTES"] ?? "").filter { $0.0 != "service.name" }
@@ -77,12 +90,13 @@ struct TracingSetup {
     func makeExporter(loop: any EventLoop, logger: Logger) throws -> OTLPExporter {
         let tracer = Tracer(sampleRatio: sampleRatio)
         var config = OTLPExporter.Configuration(endpoint: endpoint)
+        config.grpc = grpc
         config.headers = headers
         config.resource = resource
         config.interval = .nanoseconds(Int64(interval * 1e9))
         for note in notes { logger.warning("tracing: \(note)") }
         logger.info("tracing on", metadata: [
-            "endpoint": "\(endpoint)", "sample-ratio": "\(sampleRatio)", "service": "\(resource[0].1)",
+            "endpoint": "\(endpoint)", "protocol": "\(grpc ? "grpc" : "http/protobuf")", "sample-ratio": "\(sampleRatio)", "service": "\(resource[0].1)",
             "export-interval-seconds": "\(interval)",
         ])
         return try OTLPExporter(tracer: tracer, configuration: config, loop: loop, logger: logger)

@@ -1,5 +1,6 @@
 import Foundation
 import Logging
+import NGHTTP2Server
 import NIOCore
 import NIOHTTP1
 import NIOPosix
@@ -7,14 +8,17 @@ import OpenSSLTLS
 import Protos
 import SwiftProtobuf
 
-/// Sends the tracer's spans to an OpenTelemetry collector: OTLP over HTTP/1.1 with protobuf
-/// bodies (`POST …/v1/traces`, the OTLP default protocol), every `interval`, from an event loop,
-/// never from the request path. A collector that is down or answers an error costs the batch
+/// Sends the tracer's spans to an OpenTelemetry collector every `interval`, from an event loop,
+/// never from the request path: OTLP/HTTP (`POST …/v1/traces`, protobuf body, HTTP/1.1) or
+/// OTLP/gRPC (`TraceService/Export` over HTTP/2 through the project's nghttp2 client session). A collector that is down or answers an error costs the batch
 /// (OTLP exporters do not spool to disk) and one warning a minute; the queue stays bounded.
 public final class OTLPExporter: Sendable {
     public struct Configuration: Sendable {
-        /// Full URL of the traces endpoint, e.g. `http://otel-collector:4318/v1/traces`.
+        /// OTLP/HTTP: full URL of the traces endpoint, e.g. `http://otel-collector:4318/v1/traces`;
+        /// OTLP/gRPC: the collector's URL, e.g. `http://otel-collector:4317` (its path is ignored).
         public var endpoint: String
+        /// OTLP/gRPC instead of OTLP/HTTP.
+        public var grpc = false
         /// Extra request headers (`OTEL_EXPORTER_OTLP_HEADERS`), e.g. an API key.
         public var headers: [(String, String)] = []
         /// Resource attributes; `service.name` among them.
@@ -73,7 +77,7 @@ public final class OTLPExporter: Sendable {
         target = try Target(url: configuration.endpoint)
         tlsContext = target.tls
             ? try TLSContext.client(trustRootsPEM: nil, trustRootsFile: nil, clientCertificatePEM: nil, clientKeyPEM: nil,
-                                    insecureSkipVerify: false, alpn: ["http/1.1"])
+                                    insecureSkipVerify: false, alpn: [configuration.grpc ? "h2" : "http/1.1"])
             : nil
         self.loop = loop
         self.logger = logger
@@ -111,13 +115,14 @@ public final class OTLPExporter: Sendable {
             logger.error("cannot encode spans", metadata: ["error": "\(error)"])
             return loop.makeSucceededVoidFuture()
         }
-        return post(body).flatMap { [self] status -> EventLoopFuture<Void> in
-            if (200..<300).contains(status) {
-                succeeded(batch.count)
-                return tracer.queuedCount > 0 ? exportQueued() : loop.makeSucceededVoidFuture()
+        let sent: EventLoopFuture<Void> = configuration.grpc
+            ? exportCall(body)
+            : post(body).flatMapThrowing { status in
+                guard (200..<300).contains(status) else { throw OTLPExporterError("collector answered HTTP \(status)") }
             }
-            failed("collector answered HTTP \(status)", lost: batch.count)
-            return loop.makeSucceededVoidFuture()
+        return sent.flatMap { [self] () -> EventLoopFuture<Void> in
+            succeeded(batch.count)
+            return tracer.queuedCount > 0 ? exportQueued() : loop.makeSucceededVoidFuture()
         }.flatMapErrorThrowing { [self] error in
             failed("\(error)", lost: batch.count)
         }
@@ -138,7 +143,7 @@ public final class OTLPExporter: Sendable {
         if let last = state.value.lastWarning, now - last < .seconds(60) { return }
         state.value.lastWarning = now
         var hint = ""
-        if target.port == 4317 {
+        if target.port == 4317 && !configuration.grpc {
             hint = " (4317 is the collector's OTLP/gRPC port; this exporter speaks OTLP/HTTP, usually port 4318)"
         }
         logger.warning("cannot export spans; the batch is dropped\(hint)", metadata: [
@@ -192,6 +197,64 @@ public final class OTLPExporter: Sendable {
             }
         promise.futureResult.whenComplete { _ in deadline.cancel() }
         return promise.futureResult
+    }
+
+    /// One OTLP/gRPC `Export` call on a fresh HTTP/2 connection.
+    private func exportCall(_ message: [UInt8]) -> EventLoopFuture<Void> {
+        let promise = loop.makePromise(of: HTTP2ClientSession.Response.self)
+        let target = target
+        let tls = tlsContext
+        let timeout = configuration.timeout
+        var headers = HTTP2HeaderBlock()
+        headers.add(":method", "POST")
+        headers.add(name: ":scheme", value: target.tls ? "https" : "http")
+        headers.add(":path", "/opentelemetry.proto.collector.trace.v1.TraceService/Export")
+        headers.add(name: ":authority", value: target.hostHeader)
+        headers.add("content-type", "application/grpc")
+        headers.add("te", "trailers")
+        headers.add("user-agent", "swift-epp")
+        headers.add(name: "grpc-timeout", value: "\(max(1, timeout.nanoseconds / 1_000_000))m")
+        for (name, value) in configuration.headers { headers.add(name: name.lowercased(), value: value) }
+        // gRPC message framing: not compressed, 4-byte big-endian length.
+        var framed: [UInt8] = [0]
+        framed.append(contentsOf: bigEndianBytes(UInt64(message.count)).suffix(4))
+        framed.append(contentsOf: message)
+        let deadline = loop.scheduleTask(in: timeout) {
+            promise.fail(OTLPExporterError("no answer within \(timeout.nanoseconds / 1_000_000) ms"))
+        }
+        let request = headers
+        let body = framed
+        ClientBootstrap(group: loop)
+            .connectTimeout(timeout)
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    if let tls {
+                        try channel.pipeline.syncOperations.addHandler(
+                            OpenSSLHandler(context: tls, role: .client(serverHostname: target.host), handshakeTimeout: nil))
+                    }
+                    try channel.pipeline.syncOperations.addHandler(UnaryHTTP2CallHandler(headers: request, body: body, promise: promise))
+                }
+            }
+            .connect(host: target.host, port: target.port)
+            .whenComplete { result in
+                switch result {
+                case .success(let channel): promise.futureResult.whenComplete { _ in channel.close(promise: nil) }
+                case .failure(let error): promise.fail(error)
+                }
+            }
+        promise.futureResult.whenComplete { _ in deadline.cancel() }
+        return promise.futureResult.flatMapThrowing { response in
+            let status = response.headers.first { $0.0 == ":status" }?.1 ?? "none"
+            guard status == "200" else { throw OTLPExporterError("collector answered HTTP \(status)") }
+            // Trailers-only responses carry grpc-status in the headers.
+            let fields = response.trailers + response.headers
+            let code = fields.first { $0.0 == "grpc-status" }?.1
+            guard code == "0" else {
+                let message = fields.first { $0.0 == "grpc-message" }?.1 ?? ""
+                throw OTLPExporterError(code.map { "collector answered gRPC status \($0)\(message.isEmpty ? "" : ": \(message)")" }
+                                        ?? "gRPC call ended without a status (HTTP/2 code \(response.closeCode.rawValue))")
+            }
+        }
     }
 
     static func encode(_ spans: [SpanRecord], resource: [(String, String)]) -> Opentelemetry_Proto_Collector_Trace_V1_ExportTraceServiceRequest {
@@ -261,6 +324,69 @@ private final class StatusHandler: ChannelInboundHandler {
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        promise.fail(error)
+        context.close(promise: nil)
+    }
+}
+
+/// Runs one HTTP/2 request over the channel with an `HTTP2ClientSession` and completes the promise
+/// with its response (or what there was of it when the connection ended).
+private final class UnaryHTTP2CallHandler: ChannelInboundHandler {
+    typealias InboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+    private let headers: HTTP2HeaderBlock
+    private let body: [UInt8]
+    private let promise: EventLoopPromise<HTTP2ClientSession.Response>
+    private var session: HTTP2ClientSession?
+
+    init(headers: HTTP2HeaderBlock, body: [UInt8], promise: EventLoopPromise<HTTP2ClientSession.Response>) {
+        self.headers = headers
+        self.body = body
+        self.promise = promise
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        do {
+            let s = try HTTP2ClientSession()
+            session = s
+            try s.submitRequest(headers, body: body)
+            try flush(context)
+        } catch {
+            fail(context, error)
+        }
+        context.fireChannelActive()
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        guard let session else { return }
+        do {
+            try session.receive(unwrapInboundIn(data))
+            try flush(context)
+            if let response = session.response { promise.succeed(response) }
+        } catch {
+            fail(context, error)
+        }
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        session?.connectionClosed()
+        if let response = session?.response { promise.succeed(response) } else {
+            promise.fail(OTLPExporterError("connection closed without an answer"))
+        }
+        context.fireChannelInactive()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        fail(context, error)
+    }
+
+    private func flush(_ context: ChannelHandlerContext) throws {
+        if let out = try session?.drainOutbound(allocator: context.channel.allocator) {
+            context.writeAndFlush(wrapOutboundOut(out), promise: nil)
+        }
+    }
+
+    private func fail(_ context: ChannelHandlerContext, _ error: any Error) {
         promise.fail(error)
         context.close(promise: nil)
     }

@@ -86,3 +86,40 @@ def attributes(span):
         v = kv.value
         out[kv.key] = getattr(v, v.WhichOneof("value"))
     return out
+
+
+class GRPCReceiver:
+    """The same stand-in collector on OTLP/gRPC (`TraceService/Export`, grpcio server): spans, request
+    metadata, and an error status on demand (`status`, a grpc.StatusCode, None = OK)."""
+
+    def __init__(self, host="127.0.0.1", port=0):
+        import grpc
+        from concurrent import futures
+        self.spans, self.requests, self.status, self.lock = [], [], None, threading.Lock()
+        receiver = self
+
+        def export(request, context):
+            with receiver.lock:
+                receiver.requests.append(dict(context.invocation_metadata()))
+                if receiver.status is not None:
+                    context.abort(receiver.status, "collector says no")
+                for rs in request.resource_spans:
+                    attrs = {kv.key: kv.value.string_value for kv in rs.resource.attributes}
+                    for ss in rs.scope_spans:
+                        receiver.spans.extend((attrs, s) for s in ss.spans)
+            return ExportTraceServiceResponse()
+
+        handler = grpc.method_handlers_generic_handler("opentelemetry.proto.collector.trace.v1.TraceService", {
+            "Export": grpc.unary_unary_rpc_method_handler(export, request_deserializer=ExportTraceServiceRequest.FromString,
+                                                          response_serializer=ExportTraceServiceResponse.SerializeToString)})
+        self.server = grpc.server(futures.ThreadPoolExecutor(4), handlers=[handler])
+        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        if self.port == 0:
+            raise OSError(f"cannot listen on {host}:{port}")
+        self.server.start()
+        self.url = f"http://{host}:{self.port}"
+
+    wait_spans = Receiver.wait_spans
+
+    def close(self):
+        self.server.stop(0)

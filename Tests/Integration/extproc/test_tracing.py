@@ -185,3 +185,45 @@ def test_spans_are_flushed_at_shutdown(epp_factory, collector):
     assert e.stop() == 0
     names = [x.name for _, x in collector.spans if attributes(x).get("gateway.request.id") in (None, "last-words")]
     assert "gateway.request" in names and len(collector.spans) == 3
+
+
+def test_otlp_grpc_export(epp_factory):
+    """OTLP/gRPC (the reference's exporter protocol): asked for with OTEL_EXPORTER_OTLP_PROTOCOL, or
+    chosen for an OTEL_EXPORTER_OTLP_ENDPOINT on the collector's gRPC port 4317 as the reference's
+    chart sets it; spans arrive at a grpcio TraceService with the headers from the environment, and
+    an error status from the collector is a logged, dropped batch, never a failed request."""
+    from otlp_receiver import GRPCReceiver
+    body = json.dumps({"model": "alias", "prompt": "x"}).encode()
+    hdrs = {"traceparent": f"00-{TRACE}-{PARENT}-01"}
+    collector = GRPCReceiver()
+    try:
+        e = epp_factory(extra=["--tracing", "--tracing-export-interval", "100ms"], name="traced-grpc",
+                        env={"OTEL_EXPORTER_OTLP_ENDPOINT": collector.url, "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+                             "OTEL_EXPORTER_OTLP_HEADERS": "X-Api-Key=k1"})
+        reqs, _, code = run(e, lambda ch: full_request(ch, body, headers=hdrs))
+        assert code == grpc.StatusCode.OK
+        spans = collector.wait_spans(lambda s: len(s) == 3)
+        root = next(x for _, x in spans if x.name == "gateway.request")
+        assert root.trace_id.hex() == TRACE and root.span_id.hex() == routing_headers(reqs)["traceparent"].split("-")[2]
+        assert collector.requests[-1]["x-api-key"] == "k1"
+        collector.status = grpc.StatusCode.UNAVAILABLE
+        for reqs, _, code in run(e, lambda ch: asyncio.gather(*[full_request(ch, body, headers=hdrs) for _ in range(5)])):
+            assert code == grpc.StatusCode.OK
+        deadline = time.monotonic() + 10
+        while "cannot export spans" not in e.tail(200) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "gRPC status 14: collector says no" in e.tail(200)
+    finally:
+        collector.close()
+    # The reference chart's setting: an endpoint on port 4317 and no protocol named → OTLP/gRPC.
+    try:
+        collector = GRPCReceiver("127.0.0.5", 4317)
+    except (OSError, RuntimeError) as err:
+        pytest.skip(f"127.0.0.5:4317 is taken: {err}")
+    try:
+        e = epp_factory(extra=["--tracing", "--tracing-export-interval", "100ms"], name="traced-4317",
+                        env={"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.5:4317"})
+        run(e, lambda ch: full_request(ch, body, headers=hdrs))
+        assert collector.wait_spans(lambda s: len(s) == 3)
+    finally:
+        collector.close()
