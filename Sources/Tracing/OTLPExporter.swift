@@ -156,8 +156,6 @@ public final class OTLPExporter: Sendable {
     private func post(_ body: [UInt8]) -> EventLoopFuture<Int> {
         let promise = loop.makePromise(of: Int.self)
         let target = target
-        let tls = tlsContext
-        let timeout = configuration.timeout
         var head = HTTPRequestHead(version: .http1_1, method: .POST, uri: target.path)
         head.headers.add(name: "host", value: target.hostHeader)
         head.headers.add(name: "content-type", value: "application/x-protobuf")
@@ -166,6 +164,27 @@ public final class OTLPExporter: Sendable {
         head.headers.add(name: "connection", value: "close")
         for (name, value) in configuration.headers { head.headers.add(name: name, value: value) }
         let request = head
+        return exchange(promise, pipeline: { pipeline in
+            try pipeline.addHTTPClientHandlers()
+            try pipeline.addHandler(StatusHandler(promise: promise))
+        }, connected: { channel in
+            var buffer = channel.allocator.buffer(capacity: body.count)
+            buffer.writeBytes(body)
+            channel.write(HTTPClientRequestPart.head(request), promise: nil)
+            channel.write(HTTPClientRequestPart.body(.byteBuffer(buffer)), promise: nil)
+            channel.writeAndFlush(HTTPClientRequestPart.end(nil), promise: nil)
+        })
+    }
+
+    /// One exchange with the collector on a fresh connection (TLS when the URL is https): `pipeline`
+    /// adds the protocol's handlers, which complete `promise`; `connected` starts the request. The
+    /// promise fails after the timeout, and the connection closes once it is complete.
+    private func exchange<T: Sendable>(_ promise: EventLoopPromise<T>,
+                                       pipeline: @escaping @Sendable (ChannelPipeline.SynchronousOperations) throws -> Void,
+                                       connected: @escaping @Sendable (any Channel) -> Void = { _ in }) -> EventLoopFuture<T> {
+        let target = target
+        let tls = tlsContext
+        let timeout = configuration.timeout
         let deadline = loop.scheduleTask(in: timeout) {
             promise.fail(OTLPExporterError("no answer within \(timeout.nanoseconds / 1_000_000) ms"))
         }
@@ -177,19 +196,14 @@ public final class OTLPExporter: Sendable {
                         try channel.pipeline.syncOperations.addHandler(
                             OpenSSLHandler(context: tls, role: .client(serverHostname: target.host), handshakeTimeout: nil))
                     }
-                    try channel.pipeline.syncOperations.addHTTPClientHandlers()
-                    try channel.pipeline.syncOperations.addHandler(StatusHandler(promise: promise))
+                    try pipeline(channel.pipeline.syncOperations)
                 }
             }
             .connect(host: target.host, port: target.port)
             .whenComplete { result in
                 switch result {
                 case .success(let channel):
-                    var buffer = channel.allocator.buffer(capacity: body.count)
-                    buffer.writeBytes(body)
-                    channel.write(HTTPClientRequestPart.head(request), promise: nil)
-                    channel.write(HTTPClientRequestPart.body(.byteBuffer(buffer)), promise: nil)
-                    channel.writeAndFlush(HTTPClientRequestPart.end(nil), promise: nil)
+                    connected(channel)
                     promise.futureResult.whenComplete { _ in channel.close(promise: nil) }
                 case .failure(let error):
                     promise.fail(error)
@@ -203,7 +217,6 @@ public final class OTLPExporter: Sendable {
     private func exportCall(_ message: [UInt8]) -> EventLoopFuture<Void> {
         let promise = loop.makePromise(of: HTTP2ClientSession.Response.self)
         let target = target
-        let tls = tlsContext
         let timeout = configuration.timeout
         var headers = HTTP2HeaderBlock()
         headers.add(":method", "POST")
@@ -219,31 +232,11 @@ public final class OTLPExporter: Sendable {
         var framed: [UInt8] = [0]
         framed.append(contentsOf: bigEndianBytes(UInt64(message.count)).suffix(4))
         framed.append(contentsOf: message)
-        let deadline = loop.scheduleTask(in: timeout) {
-            promise.fail(OTLPExporterError("no answer within \(timeout.nanoseconds / 1_000_000) ms"))
-        }
         let request = headers
         let body = framed
-        ClientBootstrap(group: loop)
-            .connectTimeout(timeout)
-            .channelInitializer { channel in
-                channel.eventLoop.makeCompletedFuture {
-                    if let tls {
-                        try channel.pipeline.syncOperations.addHandler(
-                            OpenSSLHandler(context: tls, role: .client(serverHostname: target.host), handshakeTimeout: nil))
-                    }
-                    try channel.pipeline.syncOperations.addHandler(UnaryHTTP2CallHandler(headers: request, body: body, promise: promise))
-                }
-            }
-            .connect(host: target.host, port: target.port)
-            .whenComplete { result in
-                switch result {
-                case .success(let channel): promise.futureResult.whenComplete { _ in channel.close(promise: nil) }
-                case .failure(let error): promise.fail(error)
-                }
-            }
-        promise.futureResult.whenComplete { _ in deadline.cancel() }
-        return promise.futureResult.flatMapThrowing { response in
+        return exchange(promise, pipeline: { pipeline in
+            try pipeline.addHandler(UnaryHTTP2CallHandler(headers: request, body: body, promise: promise))
+        }).flatMapThrowing { response in
             let status = response.headers.first { $0.0 == ":status" }?.1 ?? "none"
             guard status == "200" else { throw OTLPExporterError("collector answered HTTP \(status)") }
             // Trailers-only responses carry grpc-status in the headers.
