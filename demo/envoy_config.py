@@ -8,6 +8,13 @@ notes require for the dynamic-metadata route) `original_dst_lb_config.metadata_k
 x-gateway-destination-endpoint and the filter's `metadata_options.receiving_namespaces.untyped:
 ["envoy.lb"]`. Everything binds 127.0.0.1; the picker cluster is plaintext h2c.
 
+With pool_endpoints (render() only) the gateway routes instead to a STATIC cluster of those endpoints
+whose load balancer is Envoy's override_host policy, as Envoy Gateway configures it for an
+InferencePool: it reads the picker's comma-separated list (first the picked endpoint, then fallbacks)
+from the envoy.lb metadata, retries go down the list, and the endpoint that served is written back
+to envoy.lb / x-gateway-destination-endpoint-served, which the ext_proc filter forwards to the picker
+with the response (metadata_options.forwarding_namespaces).
+
 Listeners (each optional):
   gateway  (--port)            HTTP/1.1 + h2c, ext_proc filter → router → original_destination_cluster
   direct   (--direct-port)     the same without ext_proc (clients set x-gateway-destination-endpoint)
@@ -73,6 +80,7 @@ def _hcm(name, port, http_filters, access_log, routes=None, buffer_limit=32768):
                     "upstream_host": "%UPSTREAM_HOST%",
                     "dest_header": "%REQ(X-GATEWAY-DESTINATION-ENDPOINT)%",
                     "lb_metadata": "%DYNAMIC_METADATA(envoy.lb:x-gateway-destination-endpoint)%",
+                    "served": "%DYNAMIC_METADATA(envoy.lb:x-gateway-destination-endpoint-served)%",
                     "request_id": "%REQ(X-REQUEST-ID)%",
                     "duration_ms": "%DURATION%",
                 }},
@@ -92,7 +100,10 @@ ROUTER = {"name": "envoy.filters.http.router",
                            "suppress_envoy_headers": True}}
 
 
-def ext_proc_filter(epp_port, body_mode="FULL_DUPLEX_STREAMED", response_body_mode=None):
+def ext_proc_filter(epp_port, body_mode="FULL_DUPLEX_STREAMED", response_body_mode=None, forward_lb=False):
+    metadata_options = {"receiving_namespaces": {"untyped": ["envoy.lb"]}}
+    if forward_lb:
+        metadata_options["forwarding_namespaces"] = {"untyped": ["envoy.lb"]}
     return {
         "name": "envoy.filters.http.ext_proc",
         "typed_config": {
@@ -109,18 +120,58 @@ def ext_proc_filter(epp_port, body_mode="FULL_DUPLEX_STREAMED", response_body_mo
             },
             "message_timeout": "1000s",
             "failure_mode_allow": False,
-            "metadata_options": {"receiving_namespaces": {"untyped": ["envoy.lb"]}},
+            "metadata_options": metadata_options,
         },
     }
 
 
+POOL = "inference_pool"
+
+
+def override_host_pool(endpoints):
+    """A STATIC cluster of `endpoints` (ip:port) load-balanced by the override_host policy."""
+    def address(ep):
+        host, port = ep.rsplit(":", 1)
+        return {"socket_address": {"address": host.strip("[]"), "port_value": int(port)}}
+    key = lambda k: {"key": "envoy.lb", "path": [{"key": k}]}  # noqa: E731
+    return {
+        "name": POOL,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {"cluster_name": POOL, "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": address(ep)}} for ep in endpoints]}]},
+        "load_balancing_policy": {"policies": [{"typed_extension_config": {
+            "name": "envoy.load_balancing_policies.override_host",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.load_balancing_policies.override_host.v3.OverrideHost",
+                "override_host_sources": [{"metadata": key("x-gateway-destination-endpoint")},
+                                          {"header": "x-gateway-destination-endpoint"}],
+                "selected_host_key": key("x-gateway-destination-endpoint-served"),
+                "fallback_policy": {"policies": [{"typed_extension_config": {
+                    "name": "envoy.load_balancing_policies.round_robin",
+                    "typed_config": {"@type": "type.googleapis.com/envoy.extensions.load_balancing_policies.round_robin.v3.RoundRobin"},
+                }}]},
+            },
+        }}]},
+    }
+
+
 def render(port=8081, admin_port=19000, epp_port=9002, direct_port=None, backend_port=None,
-           access_log="/dev/stdout", body_mode="FULL_DUPLEX_STREAMED", buffer_limit=32768, header_routing=True):
-    """header_routing=False: the ORIGINAL_DST cluster uses only the envoy.lb dynamic metadata."""
+           access_log="/dev/stdout", body_mode="FULL_DUPLEX_STREAMED", buffer_limit=32768, header_routing=True,
+           pool_endpoints=None, retries=2):
+    """header_routing=False: the ORIGINAL_DST cluster uses only the envoy.lb dynamic metadata.
+    pool_endpoints: route through an override_host cluster of these endpoints, with `retries` retries on
+    connection failures, resets and 5xx (each to the next endpoint of the picker's list)."""
     listeners = []
     if port:
-        listeners.append(_hcm("gateway", port, [ext_proc_filter(epp_port, body_mode), ROUTER], access_log,
-                              buffer_limit=buffer_limit))
+        routes = None
+        if pool_endpoints is not None:
+            routes = [{"match": {"prefix": "/"}, "route": {
+                "cluster": POOL, "timeout": "86400s", "idle_timeout": "86400s",
+                "retry_policy": {"retry_on": "connect-failure,refused-stream,reset,5xx", "num_retries": retries},
+            }}]
+        listeners.append(_hcm("gateway", port, [ext_proc_filter(epp_port, body_mode, forward_lb=pool_endpoints is not None),
+                                                ROUTER], access_log, routes=routes, buffer_limit=buffer_limit))
     if direct_port:
         listeners.append(_hcm("direct", direct_port, [ROUTER], access_log, buffer_limit=buffer_limit))
     if backend_port:
@@ -143,6 +194,8 @@ def render(port=8081, admin_port=19000, epp_port=9002, direct_port=None, backend
             {"use_http_header": True, "http_header_name": "x-gateway-destination-endpoint"} if header_routing else {},
             metadata_key={"key": "envoy.lb", "path": [{"key": "x-gateway-destination-endpoint"}]}),
     }]
+    if pool_endpoints is not None:
+        clusters.append(override_host_pool(pool_endpoints))
     if port:
         clusters.append({
             "name": "ext_proc",

@@ -196,12 +196,13 @@ class Stack:
         return p
 
     def envoy(self, epp_port=None, port=None, direct_port=None, backend_port=None, concurrency=2,
-              body_mode="FULL_DUPLEX_STREAMED", access_log=True, cpu=None, name="envoy", wait_route=None, header_routing=True, buffer_limit=32768):
+              body_mode="FULL_DUPLEX_STREAMED", access_log=True, cpu=None, name="envoy", wait_route=None, header_routing=True, buffer_limit=32768,
+              pool_endpoints=None):
         admin = free_port()
         log = str(self.logdir / f"{name}-access.log") if access_log else None
         cfg = envoy_config.render(port=port or 0, admin_port=admin, epp_port=epp_port or 0, direct_port=direct_port,
                                   backend_port=backend_port, access_log=log, body_mode=body_mode,
-                                  header_routing=header_routing, buffer_limit=buffer_limit)
+                                  header_routing=header_routing, buffer_limit=buffer_limit, pool_endpoints=pool_endpoints)
         cfg_path = self.logdir / f"{name}.yaml"
         cfg_path.write_text(envoy_config.to_yaml(cfg))
         args = [envoy_bin(), "-c", cfg_path, "--concurrency", concurrency, "--disable-hot-restart",

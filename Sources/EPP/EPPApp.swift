@@ -55,6 +55,14 @@ final class EPPApp: Sendable {
         extProc.restoreModelAlias = options.restoreModelAlias
         extProc.maxRequestBodyBytes = options.maxRequestBodyBytes
         extProc.heldBodyBudget = try makeHeldBodyBudget(options, logger: logger)
+        extProc.destinationEndpoints = options.destinationEndpoints ?? pickerConfig?.maxEndpoints ?? 1
+        guard (1...ExtProcConfiguration.maxDestinationEndpoints).contains(extProc.destinationEndpoints) else {
+            throw ValidationFailure("--destination-endpoints must be 1 to \(ExtProcConfiguration.maxDestinationEndpoints)")
+        }
+        if extProc.destinationEndpoints > 1 {
+            logger.info("each request names a list of endpoints (the first, then fallbacks): the gateway's load balancer must read it (e.g. Envoy's override_host policy; ORIGINAL_DST reads one address)",
+                        metadata: ["destination-endpoints": "\(extProc.destinationEndpoints)"])
+        }
         let exporter = options.tracing ? try TracingSetup(options).makeExporter(loop: group.next(), logger: logger) : nil
         extProc.tracer = exporter?.tracer
         let scraper = try makeScraper(options, state: source.state, logger: logger)

@@ -46,6 +46,7 @@ public struct EPPCommand: AsyncParsableCommand {
     @Option(help: "Prefix blocks remembered (per generation; the oldest generation is forgotten when one fills).") var prefixCacheCapacity = 131_072
     @Option(help: "Seconds (or a Go duration) a sheddable request waits for a saturated pool to have room before its 429; 0: 429 at once.", transform: parseSeconds) var sheddableQueueTimeout: Double = 0
     @Option(help: "Sheddable requests waiting at most at once (more get 429 at once).") var sheddableQueueCapacity = 1024
+    @Option(help: "Endpoints named per request, best first (default 1, or the EndpointPickerConfig picker's maxNumOfEndpoints): the gateway sends to the first and, on a retry, to the next. Needs a gateway that reads the comma-separated list (Envoy's override_host load balancer); ORIGINAL_DST reads one address.") var destinationEndpoints: Int?
     @Option(help: "LoRA affinity: prefer endpoints running the requested adapter, then ones with a free adapter slot (vllm:lora_requests_info).") var loraAffinityScoring = true
 
     // The reference EPP's other flags, so its manifests and Helm chart start this picker unchanged.

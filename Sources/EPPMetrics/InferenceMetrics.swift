@@ -26,6 +26,7 @@ public final class InferenceMetrics: ExtProcObserver, Sendable {
     /// The budget whose use `inference_extension_held_request_body_bytes` reports.
     private let heldBodyBudget: HeldBodyBudget?
     private let heldBodyBytes: Gauge
+    private let servedElsewhere: Counter
     private let queueGauges = NIOLockedValueBox<[AdmissionQueue.Group: Gauge]>([:])
     private let queueDurations = NIOLockedValueBox<[QueueDurationKey: ValueHistogram]>([:])
     /// Model names come from clients: past this many label sets, new ones are counted under
@@ -41,6 +42,9 @@ public final class InferenceMetrics: ExtProcObserver, Sendable {
         self.heldBodyBudget = heldBodyBudget
         heldBodyBytes = registry.makeGauge(descriptor: metric("inference_extension_held_request_body_bytes",
             "Request-body bytes the picker holds now while their requests wait to be routed (capped by --max-held-request-body-bytes)."))
+        servedElsewhere = registry.makeCounter(descriptor: metric("inference_extension_served_by_fallback_total",
+            "Requests the gateway reported as served by another endpoint than the picked one (x-gateway-destination-endpoint-served): a fallback from the list, or the gateway's own choice."),
+            labels: [("name", poolName)])
         self.loadPolicy = loadPolicy
         self.poolName = poolName
         self.state = state
@@ -65,6 +69,7 @@ public final class InferenceMetrics: ExtProcObserver, Sendable {
         let s = (routed as? Series)
             ?? series(SeriesKey(model: outcome.model ?? "", target: outcome.targetModel ?? "", rewrite: outcome.rewriteName))
         if wasRouted { s.running.decrement() }
+        if outcome.servedElsewhere { servedElsewhere.increment() }
         s.requests.increment()
         s.rewriteDecisions?.increment()
         var observed = RequestObservation()

@@ -30,9 +30,12 @@ public struct RequestOutcome: Sendable {
     public var duration: TimeAmount
     /// Time spent choosing the target model and the endpoint (0 when the request was never routed).
     public var pickDuration: TimeAmount
+    /// The gateway reported another endpoint than the picked one as serving it (a fallback).
+    public var servedElsewhere: Bool
 
     public init(result: Result, model: String?, targetModel: String?, rewriteName: String?, requestBodyBytes: Int,
-                responseBodyBytes: Int, usage: TokenUsage?, duration: TimeAmount, pickDuration: TimeAmount) {
+                responseBodyBytes: Int, usage: TokenUsage?, duration: TimeAmount, pickDuration: TimeAmount,
+                servedElsewhere: Bool = false) {
         self.result = result
         self.model = model
         self.targetModel = targetModel
@@ -42,6 +45,7 @@ public struct RequestOutcome: Sendable {
         self.usage = usage
         self.duration = duration
         self.pickDuration = pickDuration
+        self.servedElsewhere = servedElsewhere
     }
 }
 

@@ -44,6 +44,11 @@ public struct ExtProcConfiguration: Sendable {
     public var heldBodyBudget: HeldBodyBudget?
     /// OpenTelemetry tracing of sampled requests; nil: off (no header parsed, nothing recorded).
     public var tracer: Tracer?
+    /// Endpoints named per request (1 ... `maxDestinationEndpoints`): the picked one, then fallbacks the
+    /// gateway tries in order when it fails (a comma-separated list in the header and the
+    /// metadata; needs a gateway that reads lists, such as Envoy's override_host load balancer).
+    public var destinationEndpoints = 1
+    public static let maxDestinationEndpoints = 16
 
     public init() {}
 }

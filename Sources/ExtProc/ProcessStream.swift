@@ -59,6 +59,11 @@ final class ProcessStream: GRPCStreamHandler {
     private var targetModel: String?
     private var rewriteName: String?
     private var endpoint: EndpointRecord?
+    /// The prompt's prefix hashes recorded for `endpoint`, kept in case the gateway serves the
+    /// request elsewhere.
+    private var routedPrefix: PrefixHashes?
+    /// The gateway reported another endpoint than the picked one as serving the request.
+    private var servedElsewhere = false
     /// Bytes replacing the model value (with quotes), when the model changes.
     private var modelReplacement: [UInt8]?
     /// JSON literals of the target and the requested model when the rules had them encoded already.
@@ -87,6 +92,8 @@ final class ProcessStream: GRPCStreamHandler {
     private var responseStreaming = false
     /// Where the request went (for the span; the endpoint record itself is released early).
     private var routedAddress: String?
+    /// Where the gateway says it sent the request, when not to the picked endpoint.
+    private var servedAddress: String?
 
     init(configuration: ExtProcConfiguration, state: RoutingState, logger: Logger,
          observer: (any ExtProcObserver)? = nil) {
@@ -114,7 +121,7 @@ final class ProcessStream: GRPCStreamHandler {
             case .requestTrailers?:
                 onRequestTrailers(stream)
             case .responseHeaders?:
-                onResponseHeaders(try HeadersView(request.payload), stream)
+                onResponseHeaders(try HeadersView(request.payload), request.metadataContext, stream)
             case .responseBody?:
                 onResponseBody(try BodyView(request.payload), stream)
             case .responseTrailers?:
@@ -154,7 +161,8 @@ final class ProcessStream: GRPCStreamHandler {
         observer.requestEnded(RequestOutcome(result: result, model: model, targetModel: targetModel,
                                              rewriteName: rewriteName, requestBodyBytes: bodyBytes,
                                              responseBodyBytes: responseBytes, usage: usage, duration: duration,
-                                             pickDuration: pickDuration), wasRouted: routed, routed: observerToken)
+                                             pickDuration: pickDuration, servedElsewhere: servedElsewhere),
+                              wasRouted: routed, routed: observerToken)
         observerToken = nil
     }
 
@@ -438,8 +446,9 @@ final class ProcessStream: GRPCStreamHandler {
         let policy = configuration.loadPolicy
         let picked: EndpointRecord?
         var prefix: PrefixHashes?
+        var match: PrefixMatch?
+        let now = policy.enabled ? MonotonicClock.nanoseconds : 0
         if policy.enabled {
-            let now = MonotonicClock.nanoseconds
             // Sheddable (priority < 0) requests wait for a pool with room, as in the reference.
             if info.objective != nil, snapshot.objectives.priority(for: info.objective) < 0,
                snapshot.endpoints.isSaturated(subset: info.subset, policy: policy, now: now) {
@@ -453,12 +462,10 @@ final class ProcessStream: GRPCStreamHandler {
                snapshot.endpoints.hasFreshLoad(subset: info.subset, policy: policy, now: now),
                let hashes = prefixHashes() {
                 prefix = hashes
-                picked = snapshot.endpoints.pick(subset: info.subset, policy: policy, now: now,
-                                                 prefix: PrefixMatch(hashes, index: index), model: targetModel, using: &rng)
-            } else {
-                picked = snapshot.endpoints.pick(subset: info.subset, policy: policy, now: now, model: targetModel,
-                                                 using: &rng)
+                match = PrefixMatch(hashes, index: index)
             }
+            picked = snapshot.endpoints.pick(subset: info.subset, policy: policy, now: now, prefix: match,
+                                             model: targetModel, using: &rng)
         } else {
             if span != nil { schedulerStart = MonotonicClock.nanoseconds }
             picked = snapshot.endpoints.pick(subset: info.subset, using: &rng)
@@ -472,10 +479,21 @@ final class ProcessStream: GRPCStreamHandler {
         }
         record.begin()
         endpoint = record
-        if let prefix, let index = configuration.prefixCache { index.record(prefix, sentTo: record) }
+        if let prefix, let index = configuration.prefixCache {
+            index.record(prefix, sentTo: record)
+            routedPrefix = prefix
+        }
         routed = true
         observerToken = observer?.requestRouted(model: clientModel, targetModel: targetModel, rewriteName: rewriteName)
-        let address = record.endpoint.address
+        var address = record.endpoint.address
+        if configuration.destinationEndpoints > 1 {
+            // The protocol's fallback list: the header and the metadata name the same endpoints.
+            for r in snapshot.endpoints.fallbacks(after: record, count: configuration.destinationEndpoints - 1,
+                                                  subset: info.subset, policy: policy, now: now, prefix: match,
+                                                  model: targetModel, using: &rng) {
+                address += "," + r.endpoint.address
+            }
+        }
         var changes = ReplyEncoding.HeaderChanges()
         changes.setHeaders.append((WireNames.destinationHeader, address))
         if let id = generatedRequestID {
@@ -637,7 +655,8 @@ final class ProcessStream: GRPCStreamHandler {
 
     // MARK: Response
 
-    private func onResponseHeaders(_ headers: HeadersView, _ stream: GRPCServerStream) {
+    private func onResponseHeaders(_ headers: HeadersView, _ metadata: ByteBuffer?, _ stream: GRPCServerStream) {
+        if let metadata { noteServedEndpoint(metadata) }
         var mode = ResponseModelRewriter.Mode.passthrough
         do {
             try headers.forEach { key, value in
@@ -692,6 +711,31 @@ final class ProcessStream: GRPCStreamHandler {
             stream.send(Replies.bodyReplace(unchanged ? nil : Data(assemble(chunk).readableBytesView), request: false))
         }
         if body.endOfStream { finishResponse(stream) }
+    }
+
+    /// The gateway reports the endpoint it sent the request to (`envoy.lb` →
+    /// `x-gateway-destination-endpoint-served`). When that is not the picked one (it failed and the
+    /// gateway fell back), the request's in-flight count and its prompt prefix move to the endpoint
+    /// that serves it, so the next picks see where the load and the cache really are.
+    private func noteServedEndpoint(_ metadata: ByteBuffer) {
+        guard let picked = endpoint,
+              let served = try? metadataString(metadata, namespace: WireNames.servedEndpointNamespace,
+                                               key: WireNames.servedEndpointKey),
+              !served.isEmpty, served != picked.endpoint.address else { return }
+        servedElsewhere = true
+        picked.end()
+        endpoint = snapshot?.endpoints.record(for: served) ?? state.snapshot.endpoints.record(for: served)
+        if let now = endpoint {
+            now.begin()
+            if let routedPrefix, let index = configuration.prefixCache { index.record(routedPrefix, sentTo: now) }
+        }
+        if span != nil { servedAddress = served }
+        if debugLogging {
+            logger.debug("served by another endpoint", metadata: [
+                "request-id": "\(info.requestID ?? generatedRequestID ?? "")", "picked": "\(picked.endpoint.address)",
+                "served": "\(served)",
+            ])
+        }
     }
 
     /// Body framing from a `content-type` value, compared as bytes (this runs for every response).
@@ -798,7 +842,7 @@ final class ProcessStream: GRPCStreamHandler {
                                          parentSpanID: directorID, startUnixNanos: unixTime(schedulerStart),
                                          endUnixNanos: unixTime(max(schedulerEnd, schedulerStart)), attributes: scheduler))
         }
-        if let address = endpoint?.endpoint.address { routedAddress = address }
+        if let address = decision?.address { routedAddress = address }
         decision?.changes.setHeaders.append((WireNames.traceparentHeader, span.traceparent))
     }
 
@@ -813,6 +857,7 @@ final class ProcessStream: GRPCStreamHandler {
         attributes.append(("gateway.request.size_bytes", .int(bodyBytes)))
         attributes.append(("gateway.request.id", .string(info.requestID ?? generatedRequestID ?? "")))
         if let routedAddress { attributes.append(("gateway.destination_endpoint", .string(routedAddress))) }
+        if let servedAddress { attributes.append(("gateway.destination_endpoint.served", .string(servedAddress))) }
         if rewriter != nil { attributes.append(("gateway.response.streaming", .bool(responseStreaming))) }
         if let usage = rewriter?.usage {
             if let n = usage.promptTokens { attributes.append(("gen_ai.usage.prompt_tokens", .int(n))) }

@@ -50,6 +50,52 @@ struct ExtProcRequest {
     }
 }
 
+/// Reads one string from an `envoy.config.core.v3.Metadata`: `filter_metadata[namespace]`
+/// (a Struct) → `fields[key]` → `string_value`; nil when absent or not a string. Walks the wire
+/// format without decoding the rest (the gateway forwards this with every response).
+func metadataString(_ metadata: ByteBuffer, namespace: StaticString, key: StaticString) throws -> String? {
+    var found: String?
+    try metadata.forEachProtoField { f, w, reader in
+        guard f == 1, w == 2 else { return try reader.skip(w) }  // filter_metadata entry
+        var entry = try reader.nested()
+        var name = 0..<0, value: Range<Int>?
+        try entry.forEachField { ef, ew, entry in
+            switch (ef, ew) {
+            case (1, 2): name = try entry.lengthDelimited()
+            case (2, 2): value = try entry.lengthDelimited()
+            default: try entry.skip(ew)
+            }
+        }
+        guard let value, entry.bytes(in: name).equals(namespace) else { return }
+        var fields = IndexedProtoReader(entry, value)
+        try fields.forEachField { sf, sw, fields in
+            guard sf == 1, sw == 2 else { return try fields.skip(sw) }  // Struct.fields entry
+            var field = try fields.nested()
+            var fieldName = 0..<0, fieldValue: Range<Int>?
+            try field.forEachField { kf, kw, field in
+                switch (kf, kw) {
+                case (1, 2): fieldName = try field.lengthDelimited()
+                case (2, 2): fieldValue = try field.lengthDelimited()
+                default: try field.skip(kw)
+                }
+            }
+            guard let fieldValue, field.bytes(in: fieldName).equals(key) else { return }
+            var v = IndexedProtoReader(field, fieldValue)
+            var string: String?
+            try v.forEachField { vf, vw, v in
+                if vf == 3, vw == 2 {
+                    string = String(decoding: v.bytes(in: try v.lengthDelimited()), as: UTF8.self)
+                } else {
+                    string = nil  // the last kind set wins
+                    try v.skip(vw)
+                }
+            }
+            found = string
+        }
+    }
+    return found
+}
+
 /// `HttpHeaders` / `HttpTrailers` view: iterate the header fields without materialising them.
 struct HeadersView {
     private let headerMap: ByteBuffer?
@@ -139,6 +185,11 @@ struct IndexedProtoReader {
     /// Calls `body` for each field until the end; `body` must consume (or skip) the field's value.
     mutating func forEachField(_ body: (_ field: Int, _ wireType: UInt8, _ reader: inout IndexedProtoReader) throws -> Void) throws {
         while let (field, wireType) = try nextKey() { try body(field, wireType, &self) }
+    }
+
+    /// A reader over `range` of the bytes `other` reads (a field it reported).
+    init(_ other: IndexedProtoReader, _ range: Range<Int>) {
+        self.init(other.bytes, range)
     }
 
     /// A reader over the next length-delimited field (an embedded message).

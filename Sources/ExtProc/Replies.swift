@@ -17,6 +17,10 @@ public enum WireNames {
     public static let destinationMetadataNamespace = "envoy.lb"
     public static let subsetHintNamespace = "envoy.lb.subset_hint"
     public static let subsetHintKey = "x-gateway-destination-endpoint-subset"
+    /// In `envoy.lb` of the response's metadata: the endpoint the gateway actually sent the request
+    /// to (a fallback when the first failed).
+    static let servedEndpointNamespace: StaticString = "envoy.lb"
+    static let servedEndpointKey: StaticString = "x-gateway-destination-endpoint-served"
     public static let targetModelHeader = "x-gateway-target-model"
     public static let modelRewriteHeaders = ["x-gateway-model-name-rewrite", "x-llm-d-model-name-rewrite"]
     public static let objectiveHeaders = ["x-gateway-inference-objective", "x-llm-d-inference-objective"]

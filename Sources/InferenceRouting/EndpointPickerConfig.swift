@@ -19,6 +19,9 @@ public struct EndpointPickerConfig: Sendable, Equatable {
     /// × 4; rounded up to a multiple of 8), and `maxPrefixBlocksToMatch`.
     public var prefixBlockBytes: Int?
     public var prefixMaxBlocks: Int?
+    /// The picker's `maxNumOfEndpoints`: endpoints per request, the first primary, the rest the
+    /// gateway's fallbacks.
+    public var maxEndpoints: Int?
     /// What was ignored, for the log.
     public var notes: [String] = []
 
@@ -96,6 +99,11 @@ public struct EndpointPickerConfig: Sendable, Equatable {
             default:
                 if !builtIn.contains(type) { config.notes.append("plugin type \(type) is not supported here; ignored") }
             }
+        }
+        for name in order where plugins[name]!.type == "max-score-picker" {
+            guard let n = plugins[name]!.parameters?.mapping?["maxNumOfEndpoints"] else { continue }
+            guard let v = n.int, v > 0 else { throw Error(message: "max-score-picker maxNumOfEndpoints must be a positive integer") }
+            config.maxEndpoints = v
         }
         for name in order where !refs.contains(where: { $0.name == name }) {
             let type = plugins[name]!.type

@@ -200,9 +200,59 @@ public final class EndpointSet: Sendable {
     ///   are ignored; empty → nil).
     public func pick(subset: [String]?, policy: LoadPolicy, now: UInt64, prefix: PrefixMatch? = nil,
                      model: String? = nil, using rng: inout some RandomNumberGenerator) -> EndpointRecord? {
-        guard policy.enabled else { return pick(subset: subset, using: &rng) }
-        // Pass 1: the queue range among fresh candidates, and whether `model` is a LoRA adapter
-        // here (some candidate reports adapters, none serves it as its base model).
+        guard policy.enabled, let scoring = scoring(subset: subset, policy: policy, now: now, prefix: prefix, model: model) else {
+            return pick(subset: subset, using: &rng)
+        }
+        // Pass 2: score; ties by in-flight count, then reservoir-sampled.
+        var best: EndpointRecord?
+        var bestScore = -Double.infinity, bestInFlight = Int.max
+        var ties: UInt64 = 0
+        forEachCandidate(subset) { r in
+            guard let l = r.freshLoad(now: now, policy) else { return }
+            let score = scoring.score(r, l)
+            let f = r.inFlightCount
+            if score > bestScore + 1e-9 || (score >= bestScore - 1e-9 && f < bestInFlight) {
+                best = r; bestScore = max(score, bestScore); bestInFlight = f; ties = 1
+            } else if score >= bestScore - 1e-9 && f == bestInFlight {
+                ties += 1
+                if rng.draw(below: ties) == 0 { best = r }
+            }
+        }
+        return best ?? pick(subset: subset, using: &rng)
+    }
+
+    /// Up to `count` more endpoints for the gateway to try, in order, when `primary` fails (the
+    /// endpoint picker protocol's fallback list): ranked as `pick` ranks (score, then fewest in
+    /// flight, then at random); candidates without a fresh load sample follow the scored ones.
+    public func fallbacks(after primary: EndpointRecord, count: Int, subset: [String]?, policy: LoadPolicy, now: UInt64,
+                          prefix: PrefixMatch? = nil, model: String? = nil,
+                          using rng: inout some RandomNumberGenerator) -> [EndpointRecord] {
+        guard count > 0 else { return [] }
+        let scoring = policy.enabled ? scoring(subset: subset, policy: policy, now: now, prefix: prefix, model: model) : nil
+        var ranked: [RankedCandidate] = []
+        ranked.reserveCapacity(count + 1)
+        forEachCandidate(subset) { r in
+            guard r !== primary, !ranked.contains(where: { $0.record === r }) else { return }
+            var c = RankedCandidate(record: r, fresh: false, score: 0, inFlight: r.inFlightCount, tie: rng.next())
+            if let scoring, let l = r.freshLoad(now: now, policy) {
+                c.fresh = true
+                c.score = scoring.score(r, l)
+            }
+            var i = ranked.count
+            while i > 0 && c.precedes(ranked[i - 1]) { i -= 1 }
+            guard i < count else { return }
+            ranked.insert(c, at: i)
+            if ranked.count > count { ranked.removeLast() }
+        }
+        return ranked.map(\.record)
+    }
+
+    /// Pass 1 of scoring: the queue range among fresh candidates, and whether `model` is a LoRA
+    /// adapter here (some candidate reports adapters, none serves it as its base model); nil when
+    /// no candidate has a fresh sample.
+    @inline(__always)
+    private func scoring(subset: [String]?, policy: LoadPolicy, now: UInt64, prefix: PrefixMatch?,
+                         model: String?) -> CandidateScoring? {
         var minQ = Int.max, maxQ = Int.min, fresh = 0
         var adapters = false, baseModel = false
         let scoreLoRA = policy.loraWeight > 0 && model != nil
@@ -215,29 +265,9 @@ public final class EndpointSet: Sendable {
                 if !baseModel, let model, l.servedModels.contains(model) { baseModel = true }
             }
         }
-        if fresh == 0 { return pick(subset: subset, using: &rng) }
-        let adapter = adapters && !baseModel ? model : nil
-        // Pass 2: score; ties by in-flight count, then reservoir-sampled.
-        var best: EndpointRecord?
-        var bestScore = -Double.infinity, bestInFlight = Int.max
-        var ties: UInt64 = 0
-        let span = Double(maxQ - minQ)
-        forEachCandidate(subset) { r in
-            guard let l = r.freshLoad(now: now, policy) else { return }
-            let q = min(maxQ, max(minQ, r.queueEstimate(l)))  // counts may have moved since pass 1
-            let queueScore = span > 0 ? Double(maxQ - q) / span : 1
-            var score = policy.queueWeight * queueScore + policy.kvCacheWeight * (1 - l.kvCacheUsage)
-            if let prefix { score += policy.prefixWeight * prefix.score(of: r) }
-            if let adapter { score += policy.loraWeight * (l.lora?.affinity(for: adapter) ?? 0) }
-            let f = r.inFlightCount
-            if score > bestScore + 1e-9 || (score >= bestScore - 1e-9 && f < bestInFlight) {
-                best = r; bestScore = max(score, bestScore); bestInFlight = f; ties = 1
-            } else if score >= bestScore - 1e-9 && f == bestInFlight {
-                ties += 1
-                if rng.draw(below: ties) == 0 { best = r }
-            }
-        }
-        return best ?? pick(subset: subset, using: &rng)
+        if fresh == 0 { return nil }
+        return CandidateScoring(policy: policy, prefix: prefix, adapter: adapters && !baseModel ? model : nil,
+                                minQ: minQ, maxQ: maxQ)
     }
 
     /// Whether any candidate has a fresh load sample (scoring, and so prefix affinity, applies).
@@ -339,5 +369,44 @@ public final class EndpointSet: Sendable {
         }
         if out.isEmpty { throw EndpointParseError(input: list, message: "no endpoints given") }
         return out
+    }
+}
+
+/// Scores candidates with fresh load samples, from what pass 1 found (see `EndpointSet.pick`).
+struct CandidateScoring {
+    let policy: LoadPolicy
+    let prefix: PrefixMatch?
+    /// The requested model when it is a LoRA adapter in this pool.
+    let adapter: String?
+    let minQ: Int
+    let maxQ: Int
+
+    @inline(__always)
+    func score(_ r: EndpointRecord, _ l: EndpointLoad) -> Double {
+        let q = min(maxQ, max(minQ, r.queueEstimate(l)))  // counts may have moved since pass 1
+        let span = Double(maxQ - minQ)
+        let queueScore = span > 0 ? Double(maxQ - q) / span : 1
+        var score = policy.queueWeight * queueScore + policy.kvCacheWeight * (1 - l.kvCacheUsage)
+        if let prefix { score += policy.prefixWeight * prefix.score(of: r) }
+        if let adapter { score += policy.loraWeight * (l.lora?.affinity(for: adapter) ?? 0) }
+        return score
+    }
+}
+
+/// A fallback candidate's rank (see `EndpointSet.fallbacks`).
+private struct RankedCandidate {
+    var record: EndpointRecord
+    var fresh: Bool
+    var score: Double
+    var inFlight: Int
+    var tie: UInt64
+
+    /// Fresh samples first, then the higher score, fewer in flight, the random tie-breaker.
+    func precedes(_ o: RankedCandidate) -> Bool {
+        if fresh != o.fresh { return fresh }
+        if score > o.score + 1e-9 { return true }
+        if score < o.score - 1e-9 { return false }
+        if inFlight != o.inFlight { return inFlight < o.inFlight }
+        return tie < o.tie
     }
 }

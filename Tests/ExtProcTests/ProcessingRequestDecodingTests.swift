@@ -89,4 +89,27 @@ final class ProcessingRequestDecodingTests: XCTestCase {
     func testEmptyMessageHasNoPhase() throws {
         XCTAssertNil(try ExtProcRequest(decoding: ByteBuffer()).phase)
     }
+
+    func testServedEndpointFromResponseMetadata() throws {
+        var md = Envoy_Config_Core_V3_Metadata()
+        md.filterMetadata["envoy.lb.subset_hint"] = Google_Protobuf_Struct(fields: [
+            "x-gateway-destination-endpoint-served": Google_Protobuf_Value(stringValue: "wrong namespace")])
+        md.filterMetadata["envoy.lb"] = Google_Protobuf_Struct(fields: [
+            "x-gateway-destination-endpoint": Google_Protobuf_Value(stringValue: "10.0.0.1:80,10.0.0.2:80"),
+            "x-gateway-destination-endpoint-served": Google_Protobuf_Value(stringValue: "10.0.0.2:80"),
+        ])
+        md.filterMetadata["other"] = Google_Protobuf_Struct(fields: ["n": Google_Protobuf_Value(numberValue: 1)])
+        let read = { (m: Envoy_Config_Core_V3_Metadata) in
+            try metadataString(ByteBuffer(bytes: try m.serializedBytes() as [UInt8]), namespace: "envoy.lb",
+                               key: "x-gateway-destination-endpoint-served")
+        }
+        XCTAssertEqual(try read(md), "10.0.0.2:80")
+        // A number where a string belongs, or no such key: nothing.
+        md.filterMetadata["envoy.lb"]!.fields["x-gateway-destination-endpoint-served"] = Google_Protobuf_Value(numberValue: 3)
+        XCTAssertNil(try read(md))
+        md.filterMetadata["envoy.lb"]!.fields["x-gateway-destination-endpoint-served"] = nil
+        XCTAssertNil(try read(md))
+        XCTAssertNil(try read(Envoy_Config_Core_V3_Metadata()))
+        XCTAssertThrowsError(try metadataString(ByteBuffer(bytes: [0x0A, 0x05, 0x01]), namespace: "envoy.lb", key: "k"))
+    }
 }

@@ -90,4 +90,24 @@ final class EndpointPickerConfigTests: XCTestCase {
             }
         }
     }
+
+    func testThePickersMaxNumOfEndpoints() throws {
+        let text = { (value: String) in """
+            apiVersion: inference.networking.x-k8s.io/v1alpha1
+            kind: EndpointPickerConfig
+            plugins:
+            - {type: queue-scorer}
+            - type: max-score-picker
+              parameters: {maxNumOfEndpoints: \(value)}
+            schedulingProfiles:
+            - name: default
+              plugins:
+              - {pluginRef: queue-scorer}
+              - {pluginRef: max-score-picker}
+            """ }
+        XCTAssertEqual(try EndpointPickerConfig.parse(text("3")).maxEndpoints, 3)
+        XCTAssertNil(try EndpointPickerConfig.parse(chartDefault).maxEndpoints)
+        XCTAssertThrowsError(try EndpointPickerConfig.parse(text("0")))
+        XCTAssertThrowsError(try EndpointPickerConfig.parse(text("two")))
+    }
 }

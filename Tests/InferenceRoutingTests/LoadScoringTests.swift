@@ -177,4 +177,62 @@ final class LoadScoringTests: XCTestCase {
         let b = EndpointSet(endpoints: [Endpoint(host: "10.0.0.2", port: 80, podName: "renamed")], previous: a)
         XCTAssertEqual(b.records[0].load?.running, 1)
     }
+
+    // MARK: Fallback lists
+
+    private func addresses(_ rs: [EndpointRecord]) -> [String] { rs.map(\.endpoint.address) }
+
+    func testFallbacksFollowTheScoreThenStaleEndpoints() throws {
+        let set = try pool(5)
+        set.records[0].record(waiting: 0, running: 1, kvCacheUsage: 0.1, at: t0)
+        set.records[1].record(waiting: 4, running: 1, kvCacheUsage: 0.5, at: t0)
+        set.records[2].record(waiting: 8, running: 1, kvCacheUsage: 0.9, at: t0)
+        // records[3] has no sample; records[4]'s is stale.
+        set.records[4].record(waiting: 0, running: 0, kvCacheUsage: 0, at: t0 - 5_000_000_000)
+        var rng = SplitMix64(seed: 5)
+        let now = t0 + 1
+        let primary = set.pick(subset: nil, policy: policy, now: now, using: &rng)!
+        XCTAssertEqual(primary.endpoint.address, "10.0.0.1:80")
+        let all = set.fallbacks(after: primary, count: 10, subset: nil, policy: policy, now: now, using: &rng)
+        XCTAssertEqual(Array(addresses(all).prefix(2)), ["10.0.0.2:80", "10.0.0.3:80"], "scored best first")
+        XCTAssertEqual(Set(addresses(all).suffix(2)), ["10.0.0.4:80", "10.0.0.5:80"], "unscored ones last")
+        XCTAssertEqual(all.count, 4, "never the primary, never twice")
+        XCTAssertEqual(addresses(set.fallbacks(after: primary, count: 1, subset: nil, policy: policy, now: now, using: &rng)),
+                       ["10.0.0.2:80"])
+        XCTAssertEqual(set.fallbacks(after: primary, count: 0, subset: nil, policy: policy, now: now, using: &rng).count, 0)
+        // Unscored endpoints among themselves: fewest in flight first.
+        set.records[3].begin()
+        defer { set.records[3].end() }
+        XCTAssertEqual(Array(addresses(set.fallbacks(after: primary, count: 4, subset: nil, policy: policy, now: now, using: &rng)).suffix(2)),
+                       ["10.0.0.5:80", "10.0.0.4:80"])
+    }
+
+    func testFallbacksStayInTheSubsetHint() throws {
+        let set = try pool(4)
+        var rng = SplitMix64(seed: 9)
+        let subset = ["10.0.0.2:80", "10.0.0.4:80", "10.0.0.4:80", "10.9.9.9:80"]
+        for _ in 0..<50 {
+            let primary = set.pick(subset: subset, using: &rng)!
+            let more = addresses(set.fallbacks(after: primary, count: 3, subset: subset, policy: .off, now: 0, using: &rng))
+            XCTAssertEqual(Set(more + [primary.endpoint.address]), ["10.0.0.2:80", "10.0.0.4:80"])
+            XCTAssertEqual(more.count, 1)
+        }
+    }
+
+    func testFallbacksWithoutScoringAreFewestInFlightThenRandom() throws {
+        let set = try pool(4)
+        set.records[1].begin(); set.records[1].begin()
+        set.records[2].begin()
+        defer { set.records[1].end(); set.records[1].end(); set.records[2].end() }
+        var rng = SplitMix64(seed: 13)
+        var lastSeen = Set<String>()
+        for _ in 0..<200 {
+            let primary = set.pick(subset: nil, using: &rng)!
+            XCTAssertTrue(["10.0.0.1:80", "10.0.0.4:80"].contains(primary.endpoint.address))
+            let more = addresses(set.fallbacks(after: primary, count: 3, subset: nil, policy: .off, now: 0, using: &rng))
+            XCTAssertEqual(Array(more.suffix(2)), ["10.0.0.3:80", "10.0.0.2:80"])
+            lastSeen.insert(primary.endpoint.address)
+        }
+        XCTAssertEqual(lastSeen, ["10.0.0.1:80", "10.0.0.4:80"], "ties are broken at random")
+    }
 }

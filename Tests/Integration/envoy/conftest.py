@@ -70,10 +70,11 @@ class Gateway:
 
 @pytest.fixture(scope="session")
 def gateway_factory(tmp_path_factory, backends):
-    """make(endpoints=None (the two backends), extra=(), rules=SEED_RULE) → Gateway, stopped at session end."""
+    """make(endpoints=None (the two backends), extra=(), rules=SEED_RULE, pool_endpoints=None (ORIGINAL_DST) or the
+    override_host cluster's endpoints) → Gateway, stopped at session end."""
     stacks = []
 
-    def make(endpoints=None, extra=(), rules=stack.SEED_RULE, name="gw", header_routing=True):
+    def make(endpoints=None, extra=(), rules=stack.SEED_RULE, name="gw", header_routing=True, pool_endpoints=None):
         d = tmp_path_factory.mktemp(name)
         config_dir = d / "config"
         config_dir.mkdir()
@@ -83,7 +84,8 @@ def gateway_factory(tmp_path_factory, backends):
         stacks.append(st)
         eps = [b.address for b in backends] if endpoints is None else endpoints
         epp = st.epp(eps, config_dir=config_dir, extra=list(extra))
-        envoy = st.envoy(epp_port=epp.grpc_port, port=stack.free_port(), header_routing=header_routing)
+        envoy = st.envoy(epp_port=epp.grpc_port, port=stack.free_port(), header_routing=header_routing,
+                         pool_endpoints=pool_endpoints)
         return Gateway(st, epp, envoy, backends, config_dir)
 
     yield make

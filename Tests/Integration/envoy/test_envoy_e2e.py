@@ -240,6 +240,39 @@ def test_routing_by_dynamic_metadata_only(gateway_factory):
         assert r.header("x-fake-destination") == r.json()["echo"]["backend"]
 
 
+def test_fallback_endpoint_serves_when_the_first_is_down(gateway_factory, backends):
+    """Envoy's override_host load balancer (as Envoy Gateway configures it for an InferencePool) reads the picker's
+    comma-separated list: a request whose first endpoint refuses connections is retried on the second, and Envoy
+    reports the endpoint that served (envoy.lb / x-gateway-destination-endpoint-served) back to the picker."""
+    dead = f"127.0.0.4:{stack.free_port('127.0.0.4')}"  # nothing listens: connection refused
+    eps = [dead] + [b.address for b in backends]
+    gw = gateway_factory(endpoints=eps, pool_endpoints=eps, name="fallback",
+                         extra=["--destination-endpoints", "2", "--scrape-model-server-metrics=false"])
+    via_fallback = 0
+    for _ in range(45):
+        r = request(gw.port, "POST", "/v1/completions", completion())
+        assert r.status == 200, r
+        listed = r.header("x-fake-destination").split(",")  # what the backend got: the picker's list
+        assert len(listed) == 2 and len(set(listed)) == 2 and set(listed) <= set(eps), listed
+        assert r.json()["model"] == "opt-stable"
+        if listed[0] == dead:
+            via_fallback += 1
+            assert r.header("x-fake-backend") == listed[1], (listed, r.header("x-fake-backend"))
+        else:
+            assert r.header("x-fake-backend") == listed[0], (listed, r.header("x-fake-backend"))
+    assert via_fallback > 0  # the dead endpoint is first for about a third of the requests
+    entries = gw.access_log(lambda es: len(es) >= 45)
+    assert all(e["served"] == e["upstream_host"] for e in entries[-45:]), entries[-3:]
+    deadline = time.monotonic() + 5
+    while True:
+        _, body = stack.http_get(f"http://127.0.0.1:{gw.epp.metrics_port}/metrics")
+        line = [l for l in body.decode().splitlines() if l.startswith("inference_extension_served_by_fallback_total")]
+        if (line and float(line[0].rsplit(" ", 1)[1]) == via_fallback) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert line and float(line[0].rsplit(" ", 1)[1]) == via_fallback, (line, via_fallback)
+
+
 def test_request_id_reaches_backend(seed_gateway):
     # With use_remote_address (as in GIE's config) Envoy replaces an edge client's x-request-id
     # (preserve_external_request_id defaults to false) before ext_proc sees it; the picker forwards it.
