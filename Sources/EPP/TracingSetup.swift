@@ -13,6 +13,10 @@ struct TracingSetup {
     var resource: [(String, String)]
     var sampleRatio: Double
     var interval: Double
+    /// TLS to an https collector: its CA file, and a client certificate and key for mutual TLS.
+    var trustRootsFile: String?
+    var clientCertificateFile: String?
+    var clientKeyFile: String?
     /// Things worth a log line (unsupported protocol or sampler asked for).
     var notes: [String] = []
 
@@ -42,6 +46,18 @@ struct TracingSetup {
             endpoint = grpc ? "http://localhost:4317" : "http://localhost:4318/v1/traces"
         }
         headers = Self.pairs(env["OTEL_EXPORTER_OTLP_TRACES_HEADERS"] ?? env["OTEL_EXPORTER_OTLP_HEADERS"] ?? "")
+        let file = { (name: String) in
+            (env["OTEL_EXPORTER_OTLP_TRACES_" + name] ?? env["OTEL_EXPORTER_OTLP_" + name]).flatMap { $0.isEmpty ? nil : $0 }
+        }
+        trustRootsFile = file("CERTIFICATE")
+        clientCertificateFile = file("CLIENT_CERTIFICATE")
+        clientKeyFile = file("CLIENT_KEY")
+        guard (clientCertificateFile == nil) == (clientKeyFile == nil) else {
+            throw ValidationFailure("tracing: OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE and OTEL_EXPORTER_OTLP_CLIENT_KEY go together")
+        }
+        if !endpoint.lowercased().hasPrefix("https:") && (trustRootsFile != nil || clientCertificateFile != nil) {
+            notes.append("the OTEL_EXPORTER_OTLP_*CERTIFICATE / CLIENT_KEY files apply to an https:// collector only; \(endpoint) is not")
+        }
         var resource = Self.pairs(env["OTEL_RESOURCE_ATTRIBUTES"] ?? "").filter { $0.0 != "service.name" }
         let service = env["OTEL_SERVICE_NAME"]
             ?? Self.pairs(env["OTEL_RESOURCE_ATTRIBUTES"] ?? "").first(where: { $0.0 == "service.name" })?.1
@@ -94,6 +110,9 @@ struct TracingSetup {
         config.headers = headers
         config.resource = resource
         config.interval = .nanoseconds(Int64(interval * 1e9))
+        config.trustRootsFile = trustRootsFile
+        config.clientCertificateFile = clientCertificateFile
+        config.clientKeyFile = clientKeyFile
         for note in notes { logger.warning("tracing: \(note)") }
         logger.info("tracing on", metadata: [
             "endpoint": "\(endpoint)", "protocol": "\(grpc ? "grpc" : "http/protobuf")", "sample-ratio": "\(sampleRatio)", "service": "\(resource[0].1)",

@@ -27,6 +27,13 @@ public final class OTLPExporter: Sendable {
         public var timeout: TimeAmount = .seconds(5)
         /// Spans per request body.
         public var batchSize = 2048
+        /// For an https collector: PEM file of the CA certificates that verify it
+        /// (`OTEL_EXPORTER_OTLP_CERTIFICATE`); nil: the system's trust roots.
+        public var trustRootsFile: String?
+        /// PEM files of a client certificate (chain) and its key, for a collector that wants mutual TLS
+        /// (`OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE` / `OTEL_EXPORTER_OTLP_CLIENT_KEY`).
+        public var clientCertificateFile: String?
+        public var clientKeyFile: String?
 
         public init(endpoint: String) {
             self.endpoint = endpoint
@@ -75,10 +82,27 @@ public final class OTLPExporter: Sendable {
         self.tracer = tracer
         self.configuration = configuration
         target = try Target(url: configuration.endpoint)
-        tlsContext = target.tls
-            ? try TLSContext.client(trustRootsPEM: nil, trustRootsFile: nil, clientCertificatePEM: nil, clientKeyPEM: nil,
-                                    insecureSkipVerify: false, alpn: [configuration.grpc ? "h2" : "http/1.1"])
-            : nil
+        if target.tls {
+            let read = { (path: String?) throws -> [UInt8]? in
+                guard let path else { return nil }
+                guard let data = FileManager.default.contents(atPath: path) else {
+                    throw OTLPExporterError("cannot read \(path)")
+                }
+                return Array(data)
+            }
+            do {
+                tlsContext = try TLSContext.client(trustRootsPEM: nil, trustRootsFile: configuration.trustRootsFile,
+                                                   clientCertificatePEM: try read(configuration.clientCertificateFile),
+                                                   clientKeyPEM: try read(configuration.clientKeyFile),
+                                                   insecureSkipVerify: false, alpn: [configuration.grpc ? "h2" : "http/1.1"])
+            } catch let error as OTLPExporterError {
+                throw error
+            } catch {
+                throw OTLPExporterError("tracing TLS: \(error)")
+            }
+        } else {
+            tlsContext = nil
+        }
         self.loop = loop
         self.logger = logger
         state = .makeBoxSendingValue(State(), eventLoop: loop)

@@ -29,9 +29,12 @@ ExportTraceServiceRequest, ExportTraceServiceResponse = _otlp_classes()
 
 
 class Receiver:
-    def __init__(self):
+    """tls: a directory with tls.crt / tls.key to serve https; client_ca: also require a client certificate
+    signed by this CA file (mutual TLS)."""
+
+    def __init__(self, tls=None, client_ca=None):
         self.spans = []          # (resource attributes dict, span protobuf)
-        self.requests = []       # request headers (dict, lower-case names) per POST
+        self.requests = []       # request headers (dict, lower-case names) per POST; ":client-cn" with mutual TLS
         self.status = 200        # what to answer next
         self.lock = threading.Lock()
         receiver = self
@@ -39,8 +42,12 @@ class Receiver:
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("content-length", "0")))
+                peer = {}
+                if client_ca:
+                    subject = dict(x[0] for x in self.connection.getpeercert()["subject"])
+                    peer[":client-cn"] = subject.get("commonName")
                 with receiver.lock:
-                    receiver.requests.append({k.lower(): v for k, v in self.headers.items()} | {":path": self.path})
+                    receiver.requests.append({k.lower(): v for k, v in self.headers.items()} | {":path": self.path} | peer)
                     status = receiver.status
                     if status == 200 and self.path == "/v1/traces":
                         req = ExportTraceServiceRequest.FromString(body)
@@ -61,6 +68,15 @@ class Receiver:
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.port = self.server.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}/v1/traces"
+        if tls:
+            import ssl
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(f"{tls}/tls.crt", f"{tls}/tls.key")
+            if client_ca:
+                ctx.verify_mode = ssl.CERT_REQUIRED
+                ctx.load_verify_locations(client_ca)
+            self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True)
+            self.url = f"https://127.0.0.1:{self.port}/v1/traces"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def wait_spans(self, predicate, timeout=10.0):
@@ -92,7 +108,8 @@ class GRPCReceiver:
     """The same stand-in collector on OTLP/gRPC (`TraceService/Export`, grpcio server): spans, request
     metadata, and an error status on demand (`status`, a grpc.StatusCode, None = OK)."""
 
-    def __init__(self, host="127.0.0.1", port=0):
+    def __init__(self, host="127.0.0.1", port=0, tls=None):
+        """tls: a directory with tls.crt / tls.key to serve over TLS (ALPN h2, as grpcio does)."""
         import grpc
         from concurrent import futures
         self.spans, self.requests, self.status, self.lock = [], [], None, threading.Lock()
@@ -113,11 +130,15 @@ class GRPCReceiver:
             "Export": grpc.unary_unary_rpc_method_handler(export, request_deserializer=ExportTraceServiceRequest.FromString,
                                                           response_serializer=ExportTraceServiceResponse.SerializeToString)})
         self.server = grpc.server(futures.ThreadPoolExecutor(4), handlers=[handler])
-        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        if tls:
+            creds = grpc.ssl_server_credentials([(open(f"{tls}/tls.key", "rb").read(), open(f"{tls}/tls.crt", "rb").read())])
+            self.port = self.server.add_secure_port(f"{host}:{port}", creds)
+        else:
+            self.port = self.server.add_insecure_port(f"{host}:{port}")
         if self.port == 0:
             raise OSError(f"cannot listen on {host}:{port}")
         self.server.start()
-        self.url = f"http://{host}:{self.port}"
+        self.url = f"{'https' if tls else 'http'}://{host}:{self.port}"
 
     wait_spans = Receiver.wait_spans
 

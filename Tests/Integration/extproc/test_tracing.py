@@ -3,6 +3,7 @@ collector (otlp_receiver.py, decoding with the PyPI opentelemetry-proto messages
 traced (parent-based ratio sampling), the spans and their parent links, the traceparent the backend
 gets, the OTEL_* environment, and a collector that is down or failing costing no request."""
 import asyncio
+import os
 import json
 import time
 
@@ -227,3 +228,69 @@ def test_otlp_grpc_export(epp_factory):
         assert collector.wait_spans(lambda s: len(s) == 3)
     finally:
         collector.close()
+
+
+def test_https_collectors_with_their_own_ca_and_mutual_tls(epp_factory, cert_factory, tmp_path):
+    """OTEL_EXPORTER_OTLP_CERTIFICATE trusts a collector signed by a private CA (OTLP/HTTP and OTLP/gRPC);
+    OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE / _CLIENT_KEY answer a collector that wants mutual TLS; a collector the
+    picker cannot verify gets nothing and costs no request."""
+    from otlp_receiver import GRPCReceiver
+    server = cert_factory(tmp_path / "collector", "collector.test")  # SAN IP:127.0.0.1, self-signed: its own CA
+    client = cert_factory(tmp_path / "client", "epp-client")
+    ca = str(server / "tls.crt")
+    body = json.dumps({"model": "alias", "prompt": "x"}).encode()
+    flags = ["--tracing", "--tracing-sample-ratio", "1", "--tracing-export-interval", "100ms"]
+
+    c = Receiver(tls=server)
+    try:
+        e = epp_factory(extra=flags + ["--tracing-endpoint", c.url], name="traced-tls", env={"OTEL_EXPORTER_OTLP_CERTIFICATE": ca})
+        run(e, lambda ch: full_request(ch, body))
+        assert c.wait_spans(lambda s: len(s) == 3)
+    finally:
+        c.close()
+
+    c = Receiver(tls=server, client_ca=str(client / "tls.crt"))
+    try:
+        e = epp_factory(extra=flags + ["--tracing-endpoint", c.url], name="traced-mtls",
+                        env={"OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE": ca,
+                             "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE": str(client / "tls.crt"),
+                             "OTEL_EXPORTER_OTLP_CLIENT_KEY": str(client / "tls.key")})
+        run(e, lambda ch: full_request(ch, body))
+        assert c.wait_spans(lambda s: len(s) == 3)
+        assert c.requests[-1][":client-cn"] == "epp-client"
+    finally:
+        c.close()
+
+    c = Receiver(tls=server)
+    try:
+        e = epp_factory(extra=flags + ["--tracing-endpoint", c.url], name="traced-untrusted")
+        for reqs, _, code in run(e, lambda ch: asyncio.gather(*[full_request(ch, body) for _ in range(5)])):
+            assert code == grpc.StatusCode.OK
+        deadline = time.monotonic() + 10
+        while "cannot export spans" not in e.tail(200) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "cannot export spans" in e.tail(200) and c.spans == []
+    finally:
+        c.close()
+
+    g = GRPCReceiver(tls=server)
+    try:
+        e = epp_factory(extra=flags, name="traced-grpc-tls",
+                        env={"OTEL_EXPORTER_OTLP_ENDPOINT": g.url, "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+                             "OTEL_EXPORTER_OTLP_CERTIFICATE": ca})
+        run(e, lambda ch: full_request(ch, body))
+        assert g.wait_spans(lambda s: len(s) == 3)
+    finally:
+        g.close()
+
+    import subprocess, stack
+    out = subprocess.run([stack.epp_bin(), "--secure-serving=false", "--endpoints", "127.0.0.1:1", "--tracing",
+                          "--tracing-endpoint", "https://127.0.0.1:1/v1/traces", "--grpc-port", "0"],
+                         env={**os.environ, "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE": str(client / "tls.crt")},
+                         capture_output=True, text=True, timeout=20)
+    assert out.returncode != 0 and "go together" in (out.stdout + out.stderr)
+    out = subprocess.run([stack.epp_bin(), "--secure-serving=false", "--endpoints", "127.0.0.1:1", "--tracing",
+                          "--tracing-endpoint", "https://127.0.0.1:1/v1/traces", "--grpc-port", "0"],
+                         env={**os.environ, "OTEL_EXPORTER_OTLP_CERTIFICATE": str(tmp_path / "missing.pem")},
+                         capture_output=True, text=True, timeout=20)
+    assert out.returncode != 0 and "missing.pem" in (out.stdout + out.stderr)
