@@ -137,6 +137,12 @@ public final class EndpointRecord: Sendable {
                                       servedModels: servedModels), ordering: .releasing)
     }
 
+    /// Drops the last sample (the server cannot be reached): its load is unknown from now on, as if
+    /// it had gone stale, until the next successful scrape.
+    public func forgetLoad() {
+        loadSample.store(nil, ordering: .releasing)
+    }
+
     /// The last sample if it is no older than the policy allows.
     @inline(__always)
     public func freshLoad(now: UInt64, _ policy: LoadPolicy) -> EndpointLoad? {

@@ -215,6 +215,9 @@ private final class ScrapeTarget {
                     target.send(on: ch)
                 case .failure(let error):
                     target.pendingSince = nil
+                    // Refused or unreachable: the server cannot take requests either, so its last
+                    // sample must not keep attracting them until it goes stale.
+                    target.record.forgetLoad()
                     target.failed("cannot connect: \(error)")
                 }
             }

@@ -297,6 +297,23 @@ def test_traffic_follows_load(lb_epp, backends):
     assert lb_epp.poll() is None
 
 
+def test_a_pod_that_refuses_connections_loses_its_load_sample_at_once(epp_factory, tmp_path_factory):
+    """A pod that died keeps its last (idle-looking) sample only until a scrape is refused, not for the whole
+    staleness threshold (60 s here), so traffic leaves it at once."""
+    st, (a, b) = start_backends(tmp_path_factory, ["127.0.0.45", "127.0.0.46"], "lb-refused")
+    try:
+        epp = epp_factory(extra=["--metrics-staleness-threshold", "60"], endpoints=[a.address, b.address], rules=RULES,
+                          name="epp-refused")
+        set_load(a, waiting=0, kv=0.0)
+        set_load(b, waiting=6, kv=0.7)
+        run(epp, lambda ch: poll(ch, to(a.address), streak=5, what="the idle pod preferred"))
+        a.stop()
+        run(epp, lambda ch: poll(ch, to(b.address), timeout=10, streak=10, what="traffic off the dead pod"))
+        assert epp.poll() is None
+    finally:
+        st.stop()
+
+
 def test_sheddable_requests_refused_when_saturated(lb_epp, backends):
     a, b = backends
     for x in backends:
