@@ -57,32 +57,12 @@ func metadataString(_ metadata: ByteBuffer, namespace: StaticString, key: Static
     var found: String?
     try metadata.forEachProtoField { f, w, reader in
         guard f == 1, w == 2 else { return try reader.skip(w) }  // filter_metadata entry
-        var entry = try reader.nested()
-        var name = 0..<0, value: Range<Int>?
-        try entry.forEachField { ef, ew, entry in
-            switch (ef, ew) {
-            case (1, 2): name = try entry.lengthDelimited()
-            case (2, 2): value = try entry.lengthDelimited()
-            default: try entry.skip(ew)
-            }
-        }
-        guard let value, entry.bytes(in: name).equals(namespace) else { return }
-        var fields = IndexedProtoReader(entry, value)
+        guard var fields = try reader.mapEntry(named: namespace) else { return }
         try fields.forEachField { sf, sw, fields in
             guard sf == 1, sw == 2 else { return try fields.skip(sw) }  // Struct.fields entry
-            var field = try fields.nested()
-            var fieldName = 0..<0, fieldValue: Range<Int>?
-            try field.forEachField { kf, kw, field in
-                switch (kf, kw) {
-                case (1, 2): fieldName = try field.lengthDelimited()
-                case (2, 2): fieldValue = try field.lengthDelimited()
-                default: try field.skip(kw)
-                }
-            }
-            guard let fieldValue, field.bytes(in: fieldName).equals(key) else { return }
-            var v = IndexedProtoReader(field, fieldValue)
+            guard var value = try fields.mapEntry(named: key) else { return }
             var string: String?
-            try v.forEachField { vf, vw, v in
+            try value.forEachField { vf, vw, v in
                 if vf == 3, vw == 2 {
                     string = String(decoding: v.bytes(in: try v.lengthDelimited()), as: UTF8.self)
                 } else {
@@ -187,14 +167,25 @@ struct IndexedProtoReader {
         while let (field, wireType) = try nextKey() { try body(field, wireType, &self) }
     }
 
-    /// A reader over `range` of the bytes `other` reads (a field it reported).
-    init(_ other: IndexedProtoReader, _ range: Range<Int>) {
-        self.init(other.bytes, range)
-    }
-
     /// A reader over the next length-delimited field (an embedded message).
     mutating func nested() throws -> IndexedProtoReader {
         IndexedProtoReader(bytes, try lengthDelimited())
+    }
+
+    /// Reads the next field as a protobuf map entry (`key` = 1, a string; `value` = 2, a message):
+    /// a reader over the value when the key is `name`, else nil.
+    mutating func mapEntry(named name: StaticString) throws -> IndexedProtoReader? {
+        var entry = try nested()
+        var key = 0..<0, value: Range<Int>?
+        try entry.forEachField { f, w, entry in
+            switch (f, w) {
+            case (1, 2): key = try entry.lengthDelimited()
+            case (2, 2): value = try entry.lengthDelimited()
+            default: try entry.skip(w)
+            }
+        }
+        guard let value, entry.bytes(in: key).equals(name) else { return nil }
+        return IndexedProtoReader(bytes, value)
     }
 
     /// The bytes of a range this reader reported; valid as long as the reader's bytes are.
