@@ -255,6 +255,7 @@ def test_fallback_endpoint_serves_when_the_first_is_down(gateway_factory, backen
         listed = r.header("x-fake-destination").split(",")  # what the backend got: the picker's list
         assert len(listed) == 2 and len(set(listed)) == 2 and set(listed) <= set(eps), listed
         assert r.json()["model"] == "opt-stable"
+        assert r.header("x-fake-model") in TARGETS  # the retried request carried the rewritten body
         if listed[0] == dead:
             via_fallback += 1
             assert r.header("x-fake-backend") == listed[1], (listed, r.header("x-fake-backend"))
