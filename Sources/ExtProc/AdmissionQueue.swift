@@ -7,8 +7,9 @@ import NIOCore
 /// `capacity` requests wait at a time, the rest get 429 at once.
 ///
 /// Room goes to waiters in order: higher priority first; within a priority, round robin between
-/// objectives (each objective's waiters take ranks 0, 1, 2, … from the rank last served, so a busy
-/// objective cannot starve a quiet one); then arrival. A waiter whose check finds room but is not
+/// flows — fairness IDs (tenants, sessions) where requests name one, else objectives — (each flow's
+/// waiters take ranks 0, 1, 2, … from the rank last served, so a busy flow cannot starve a quiet
+/// one); then arrival. A waiter whose check finds room but is not
 /// first hands the turn to the first waiter (runs its check on its own event loop) and keeps
 /// waiting; a first waiter that finds no room for itself while others do (its subset hint names
 /// full endpoints) is skipped for one interval.

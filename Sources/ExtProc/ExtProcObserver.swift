@@ -63,7 +63,7 @@ public enum QueueOutcome: String, Sendable {
 /// A request that waited in the admission queue.
 public struct QueuedRequest: Sendable {
     public var priority: Int
-    /// The InferenceObjective (the fairness unit), "" without one.
+    /// The fairness unit: the request's fairness ID, else its InferenceObjective; "" without either.
     public var fairnessID: String
     public var model: String?
     public var targetModel: String?

@@ -901,7 +901,6 @@ final class ProcessStream: GRPCStreamHandler {
               requestMode == .fullDuplexStreamed || requestMode == .buffered || requestMode == .bufferedPartial,
               bodyBytes > 0 || !requestBodyEnded  // a request without a body is routed on its headers
         else { return false }
-        let objective = info.objective ?? ""
         let loop = stream.eventLoop
         let bound = NIOLoopBound((self, stream), eventLoop: loop)
         let turn: @Sendable () -> Void = {
@@ -911,7 +910,7 @@ final class ProcessStream: GRPCStreamHandler {
             }
         }
         let priority = snapshot?.objectives.priority(for: info.objective) ?? -1
-        guard let ticket = queue.enter(priority: priority, flow: objective, model: clientModel, targetModel: targetModel,
+        guard let ticket = queue.enter(priority: priority, flow: info.flow, model: clientModel, targetModel: targetModel,
                                        takeTurn: turn) else { return false }
         admissionPriority = priority
         admissionTicket = ticket
@@ -964,7 +963,7 @@ final class ProcessStream: GRPCStreamHandler {
         if let since = queuedSince {
             queuedSince = nil
             configuration.admissionQueue?.leave(admissionTicket, admitted: outcome == .dispatched)
-            observer?.requestLeftQueue(QueuedRequest(priority: admissionPriority, fairnessID: info.objective ?? "",
+            observer?.requestLeftQueue(QueuedRequest(priority: admissionPriority, fairnessID: info.flow,
                                                      model: clientModel, targetModel: targetModel,
                                                      waited: .now() - since, outcome: outcome))
         }

@@ -49,6 +49,9 @@ struct RequestInfo {
     var affinityHeaderValue: String?
     var modelRewriteHeader: String?
     var objective: String?
+    /// `x-gateway-inference-fairness-id` (or llm-d's): the tenant or session whose waiting requests share
+    /// the admission queue fairly with others'.
+    var fairnessID: String?
     /// The gateway's `traceparent` (parsed only when tracing is on).
     var traceparent: TraceContext?
     /// `ip:port` list from the gateway's subset hint; nil when absent (all endpoints allowed).
@@ -56,6 +59,9 @@ struct RequestInfo {
     var api: InferenceAPIKind = .other
 
     init() {}
+
+    /// The admission queue's flow: the fairness ID when the request names one, else its objective.
+    var flow: String { fairnessID ?? objective ?? "" }
 
     init(_ headers: HeadersView, metadata: Envoy_Config_Core_V3_Metadata?, affinityHeader: String?,
          tracing: Bool = false) throws {
@@ -77,6 +83,8 @@ struct RequestInfo {
                     modelRewriteHeader = String(decoding: value, as: UTF8.self)
                 } else if key.equals("x-gateway-inference-objective") || key.equals("x-llm-d-inference-objective") {
                     objective = String(decoding: value, as: UTF8.self)
+                } else if key.equals("x-gateway-inference-fairness-id") || key.equals("x-llm-d-inference-fairness-id") {
+                    fairnessID = String(decoding: value, as: UTF8.self)
                 }
             default:
                 break

@@ -656,6 +656,49 @@ def test_waiting_requests_get_room_by_priority_then_fairly_between_objectives(ep
     assert epp.poll() is None, epp.tail()
 
 
+def test_waiting_requests_share_room_fairly_between_fairness_ids(epp_factory, backends):
+    """Requests naming a fairness ID (x-gateway-inference-fairness-id, or llm-d's x-llm-d-inference-fairness-id:
+    a tenant or a session, as the reference's flow control keys its queues) share the room round robin by that ID
+    within one objective, so one tenant's backlog does not hold back another tenant's first request; the queue
+    gauge is labelled with it."""
+    epp = epp_factory(extra=["--sheddable-queue-timeout", "30"], endpoints=[b.address for b in backends], rules=RULES,
+                      name="epp-queue-fairness")
+    a, b = backends
+    arrivals = [("t1-1", "x-gateway-inference-fairness-id"), ("t1-2", "x-gateway-inference-fairness-id"),
+                ("t1-3", "x-gateway-inference-fairness-id"), ("t2-1", "x-llm-d-inference-fairness-id")]
+
+    async def go(ch):
+        for x in backends:
+            set_load(x, waiting=10)
+        await settled(epp, 10.0, 0.0)
+        streams = {}
+        for name, header in arrivals:
+            s = Stream(ch)
+            body = json.dumps({"model": "opt-stable", "prompt": name}).encode()
+            await s.send(req_headers(headers={OBJECTIVE_HEADER: "batch", header: name.split("-")[0]}),
+                         req_body(body, eos=True))
+            streams[name] = s
+            await asyncio.sleep(0.02)
+        assert all([await s.no_reply_within(0.3) for s in streams.values()]), "a request got an answer while saturated"
+        gauges = [await asyncio.to_thread(epp_sum, epp, "inference_extension_flow_control_queue_size", fairness_id=t)
+                  for t in ("t1", "t2", "batch")]
+        set_load(a, waiting=5)
+        set_load(b, waiting=4)
+
+        async def admitted(name):
+            r = await streams[name].recv_pending(timeout=20)
+            return time.monotonic(), name, kind(r)
+        results = await asyncio.gather(*[admitted(n) for n, _ in arrivals])
+        for s in streams.values():
+            s.call.cancel()
+        return sorted(results), gauges
+    results, gauges = run(epp, go)
+    assert all(k == "request_headers" for _, _, k in results), results
+    assert [name for _, name, _ in results] == ["t1-1", "t2-1", "t1-2", "t1-3"], results
+    assert gauges[:2] == [3, 1] and not gauges[2], gauges
+    assert epp.poll() is None, epp.tail()
+
+
 def test_admission_queue_under_churn(epp_factory, backends):
     """300 sheddable requests of three objectives wait in a saturated pool while a third of them are cancelled
     at random moments and room opens a little at a time: every stream ends either routed or cancelled, none is
