@@ -193,8 +193,9 @@ final class ProcessStream: GRPCStreamHandler {
         var affinityHeader: String?
         if case .header(let name) = configuration.affinity { affinityHeader = name }
         var metadata: Envoy_Config_Core_V3_Metadata?
-        if let raw = request.metadataContext {
-            // Rare (subset hints): the generic decoder is fine here.
+        if let raw = request.metadataContext, raw.readableBytes > 0 {
+            // Rare (subset hints; a gateway forwarding envoy.lb sends it empty here): the generic
+            // decoder is fine.
             metadata = try? Envoy_Config_Core_V3_Metadata(serializedBytes: Array(raw.readableBytesView))
         }
         do {
