@@ -94,7 +94,7 @@ public final class EndpointRecord: Sendable {
     public let endpoint: Endpoint
     private let inFlight: ManagedAtomic<Int>
     private let loadSample: ManagedAtomic<EndpointLoad?>
-    /// Prefix-cache index bit (0..<64), -1 before the first prefix was recorded.
+    /// Prefix-cache index bit (0..<`PrefixCacheIndex.slotCount`), -1 before the first prefix was recorded.
     private let prefixSlotToken: ManagedAtomic<Int>
 
     public init(endpoint: Endpoint) {

@@ -40,26 +40,30 @@ public struct PrefixHashes: Sendable {
 /// `capacity` blocks each; when the current one fills it becomes the previous one and the oldest is
 /// dropped, so blocks not seen for a while are forgotten (an LRU by generations).
 ///
-/// Each endpoint owns one of 64 bits. Up to 64 live endpoints every endpoint has a bit of its own
-/// (exact); beyond that, newcomers share the least-shared bit, so in a pool of 100 an endpoint may
-/// be credited with the blocks of the one it shares with (the load scorers then choose between
-/// them) — affinity degrades gradually instead of being lost. `retain(_:)` frees the bits of
+/// Each endpoint owns one of 256 bits (`slotCount`; a block's endpoints are one 32-byte mask). Up to
+/// 256 live endpoints every endpoint has a bit of its own (exact); beyond that, newcomers share the
+/// least-shared bit, so in a pool of 300 an endpoint may be credited with the blocks of the one it
+/// shares with (the load scorers then choose between them) — affinity degrades gradually instead of
+/// being lost. `retain(_:)` frees the bits of
 /// endpoints that left the pool and clears them from the index, so a new pod never inherits a gone
 /// pod's blocks.
 public final class PrefixCacheIndex: Sendable {
+    /// Endpoints told apart exactly.
+    public static let slotCount = 256
+
     private struct State {
-        var current: [UInt64: UInt64] = [:]
-        var previous: [UInt64: UInt64] = [:]
+        var current: [UInt64: SlotMask] = [:]
+        var previous: [UInt64: SlotMask] = [:]
         /// Endpoint address → its bit.
         var slots: [String: Int] = [:]
         /// Addresses holding each bit.
-        var sharers = [Int](repeating: 0, count: 64)
+        var sharers = [Int](repeating: 0, count: PrefixCacheIndex.slotCount)
 
         /// The bit for `address`, assigning the least-shared one (lowest first) to a newcomer.
         mutating func slot(for address: String) -> Int {
             if let known = slots[address] { return known }
             var best = 0
-            for i in 1..<64 where sharers[i] < sharers[best] { best = i }
+            for i in 1..<PrefixCacheIndex.slotCount where sharers[i] < sharers[best] { best = i }
             sharers[best] += 1
             slots[address] = best
             return best
@@ -75,14 +79,14 @@ public final class PrefixCacheIndex: Sendable {
 
     /// For each leading block i, the endpoint bits that saw blocks 0...i; stops at the first block
     /// no endpoint saw.
-    public func prefixMasks(_ prefix: PrefixHashes) -> [UInt64] {
+    public func prefixMasks(_ prefix: PrefixHashes) -> [SlotMask] {
         guard !prefix.isEmpty else { return [] }
         return state.withLockedValue { s in
-            var out: [UInt64] = []
-            var alive = UInt64.max
+            var out: [SlotMask] = []
+            var alive = SlotMask(repeating: .max)
             for h in prefix.hashes {
-                alive &= (s.current[h] ?? 0) | (s.previous[h] ?? 0)
-                if alive == 0 { break }
+                alive &= (s.current[h] ?? .zero) | (s.previous[h] ?? .zero)
+                if alive == .zero { break }
                 out.append(alive)
             }
             return out
@@ -96,12 +100,12 @@ public final class PrefixCacheIndex: Sendable {
         let capacity = self.capacity
         let slot: Int = state.withLockedValue { s in
             let slot = s.slot(for: address)
-            let bit: UInt64 = 1 << UInt64(slot)
+            let bit = SlotMask.bit(slot)
             for h in prefix.hashes {
                 if let m = s.current[h] {
-                    if m & bit == 0 { s.current[h] = m | bit }
+                    if m & bit == .zero { s.current[h] = m | bit }
                 } else {
-                    s.current[h] = (s.previous[h] ?? 0) | bit
+                    s.current[h] = (s.previous[h] ?? .zero) | bit
                     if s.current.count >= capacity {
                         s.previous = s.current
                         s.current = [:]
@@ -121,16 +125,16 @@ public final class PrefixCacheIndex: Sendable {
         var live = Set<String>(minimumCapacity: endpoints.count)
         for r in endpoints.records { live.insert(r.endpoint.address) }
         state.withLockedValue { s in
-            var freed: UInt64 = 0
+            var freed = SlotMask.zero
             for (address, slot) in s.slots where !live.contains(address) {
                 s.slots[address] = nil
                 s.sharers[slot] -= 1
-                if s.sharers[slot] == 0 { freed |= 1 << UInt64(slot) }
+                if s.sharers[slot] == 0 { freed |= SlotMask.bit(slot) }
             }
-            guard freed != 0 else { return }
+            guard freed != .zero else { return }
             let keep = ~freed
-            s.current = s.current.compactMapValues { m in m & keep == 0 ? nil : m & keep }
-            s.previous = s.previous.compactMapValues { m in m & keep == 0 ? nil : m & keep }
+            s.current = s.current.compactMapValues { m in m & keep == .zero ? nil : m & keep }
+            s.previous = s.previous.compactMapValues { m in m & keep == .zero ? nil : m & keep }
         }
     }
 
@@ -147,17 +151,30 @@ public final class PrefixCacheIndex: Sendable {
     public var trackedEndpoints: Int { state.withLockedValue { $0.slots.count } }
 }
 
-extension Array where Element == UInt64 {
+/// One bit per endpoint slot of the index (`PrefixCacheIndex.slotCount`).
+public typealias SlotMask = SIMD4<UInt64>
+
+extension SlotMask {
+    @inline(__always)
+    static func bit(_ slot: Int) -> SlotMask {
+        var m = SlotMask.zero
+        m[slot >> 6] = 1 << UInt64(slot & 63)
+        return m
+    }
+}
+
+extension Array where Element == SlotMask {
     /// How many leading blocks the endpoint with this bit saw (masks from `prefixMasks`).
     @inline(__always)
     public func matchedBlocks(slot: Int) -> Int {
         guard slot >= 0 else { return 0 }
-        let bit: UInt64 = 1 << UInt64(slot)
+        let word = slot >> 6
+        let bit: UInt64 = 1 << UInt64(slot & 63)
         // The masks only lose bits as i grows: binary search for the last one with the bit.
         var lo = 0, hi = count
         while lo < hi {
             let mid = (lo + hi) / 2
-            if self[mid] & bit != 0 { lo = mid + 1 } else { hi = mid }
+            if self[mid][word] & bit != 0 { lo = mid + 1 } else { hi = mid }
         }
         return lo
     }
@@ -165,7 +182,7 @@ extension Array where Element == UInt64 {
 
 /// A request's prefix blocks matched against the index, ready for scoring candidates.
 public struct PrefixMatch {
-    public let masks: [UInt64]
+    public let masks: [SlotMask]
     public let blocks: Int
     public let index: PrefixCacheIndex
 

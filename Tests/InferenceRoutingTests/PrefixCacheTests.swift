@@ -69,43 +69,65 @@ final class PrefixCacheTests: XCTestCase {
         XCTAssertLessThanOrEqual(index.count, 80)
     }
 
-    /// Before, a 65th endpoint wiped the index: in a pool of 100 (e.g. 25 pods × 4 data-parallel
-    /// ranks) affinity was lost on nearly every request.
-    func testMoreThan64EndpointsShareBitsAndKeepTheirBlocks() throws {
-        let set = EndpointSet(endpoints: try EndpointSet.parse(list: (0..<100).map { "10.0.1.\($0):80" }.joined(separator: ",")))
+    private func pool(_ n: Int, net: Int) throws -> EndpointSet {
+        EndpointSet(endpoints: try EndpointSet.parse(list: (0..<n).map { "10.\(net).\($0 / 200).\($0 % 200):80" }
+            .joined(separator: ",")))
+    }
+
+    /// A pool of 200 (e.g. 50 pods × 4 data-parallel ranks): every endpoint is told apart.
+    func testUpTo256EndpointsEachHaveTheirOwnBit() throws {
+        let set = try pool(200, net: 4)
         let index = PrefixCacheIndex()
-        let prompts = (0..<100).map { PrefixHashes(bytes("conversation \($0) " + system), model: "m") }
+        let prompts = (0..<200).map { PrefixHashes(bytes("conversation \($0) " + system), model: "m") }
         for (p, r) in zip(prompts, set.records) { index.record(p, sentTo: r) }
-        XCTAssertEqual(index.trackedEndpoints, 100)
+        XCTAssertEqual(Set(set.records.map { index.slot(of: $0) }).count, 200)
+        for (k, p) in prompts.enumerated() {
+            let m = PrefixMatch(p, index: index)
+            XCTAssertEqual(m.score(of: set.records[k]), 1, "endpoint \(k) lost its blocks")
+            XCTAssertEqual(set.records.filter { m.score(of: $0) > 0 }.count, 1, "prompt \(k) credited to others")
+        }
+    }
+
+    /// Before, an endpoint past the index's width wiped the index, and affinity was lost on nearly
+    /// every request; past 256 endpoints bits are shared instead.
+    func testMoreThan256EndpointsShareBitsAndKeepTheirBlocks() throws {
+        let n = 300
+        let set = try pool(n, net: 1)
+        let index = PrefixCacheIndex()
+        let prompts = (0..<n).map { PrefixHashes(bytes("conversation \($0) " + system), model: "m") }
+        for (p, r) in zip(prompts, set.records) { index.record(p, sentTo: r) }
+        XCTAssertEqual(index.trackedEndpoints, n)
         for (k, p) in prompts.enumerated() {
             let m = PrefixMatch(p, index: index)
             XCTAssertEqual(m.score(of: set.records[k]), 1, "endpoint \(k) lost its blocks")
             let credited = set.records.filter { m.score(of: $0) > 0 }.count
             XCTAssertLessThanOrEqual(credited, 2, "prompt \(k): at most the endpoint and the one sharing its bit")
         }
-        // Each bit is held by at most two of the 100.
+        // Each bit is held by at most two of the 300.
         let bits = Dictionary(grouping: set.records, by: { index.slot(of: $0) })
-        XCTAssertEqual(bits.count, 64)
+        XCTAssertEqual(bits.count, PrefixCacheIndex.slotCount)
         XCTAssertLessThanOrEqual(bits.values.map(\.count).max() ?? 0, 2)
     }
 
     func testPodsThatLeaveFreeTheirBitAndTheirBlocks() throws {
-        let old = EndpointSet(endpoints: try EndpointSet.parse(list: (0..<64).map { "10.0.2.\($0):80" }.joined(separator: ",")))
+        let n = PrefixCacheIndex.slotCount
+        let address = { (k: Int) in "10.2.\(k / 200).\(k % 200):80" }
+        let old = EndpointSet(endpoints: try EndpointSet.parse(list: (0..<n).map(address).joined(separator: ",")))
         let index = PrefixCacheIndex()
-        let prompts = (0..<64).map { PrefixHashes(bytes("conversation \($0) " + system), model: "m") }
+        let prompts = (0..<n).map { PrefixHashes(bytes("conversation \($0) " + system), model: "m") }
         for (p, r) in zip(prompts, old.records) { index.record(p, sentTo: r) }
         // Pod 0 is replaced by a new pod (a rolling update): the index is told of the new set.
-        let list = ["10.0.2.200:80"] + (1..<64).map { "10.0.2.\($0):80" }
+        let list = ["10.2.9.9:80"] + (1..<n).map(address)
         let new = EndpointSet(endpoints: try EndpointSet.parse(list: list.joined(separator: ",")), previous: old)
         index.retain(new)
-        XCTAssertEqual(index.trackedEndpoints, 63)
+        XCTAssertEqual(index.trackedEndpoints, n - 1)
         XCTAssertTrue(PrefixMatch(prompts[0], index: index).masks.isEmpty, "the gone pod's blocks are forgotten")
         let newcomer = new.records[0]
         index.record(PrefixHashes(bytes("fresh " + system), model: "m"), sentTo: newcomer)
         XCTAssertEqual(index.slot(of: newcomer), index.slot(of: old.records[0]), "takes the freed bit, shares none")
         XCTAssertEqual(PrefixMatch(prompts[0], index: index).score(of: newcomer), 0, "does not inherit the gone pod's blocks")
         XCTAssertEqual(PrefixMatch(PrefixHashes(bytes("fresh " + system), model: "m"), index: index).score(of: newcomer), 1)
-        for k in 1..<64 {
+        for k in 1..<n {
             XCTAssertEqual(PrefixMatch(prompts[k], index: index).score(of: new.records[k]), 1, "pod \(k) keeps its blocks")
         }
         // A set without changes frees nothing.
@@ -115,14 +137,15 @@ final class PrefixCacheTests: XCTestCase {
     }
 
     func testABitSharedWithAPodThatStaysIsNotCleared() throws {
-        let set = EndpointSet(endpoints: try EndpointSet.parse(list: (0..<65).map { "10.0.3.\($0):80" }.joined(separator: ",")))
+        let n = PrefixCacheIndex.slotCount
+        let set = try pool(n + 1, net: 3)
         let index = PrefixCacheIndex()
         let p = PrefixHashes(bytes(system), model: "m")
         for r in set.records { index.record(p, sentTo: r) }
-        let shared = index.slot(of: set.records[64])
+        let shared = index.slot(of: set.records[n])
         XCTAssertEqual(shared, index.slot(of: set.records[0]))
-        // Endpoint 64 leaves; endpoint 0 still holds the bit, so its blocks stay.
-        index.retain(EndpointSet(endpoints: Array(set.records.prefix(64).map(\.endpoint)), previous: set))
+        // The last endpoint leaves; endpoint 0 still holds the bit, so its blocks stay.
+        index.retain(EndpointSet(endpoints: Array(set.records.prefix(n).map(\.endpoint)), previous: set))
         XCTAssertEqual(PrefixMatch(p, index: index).score(of: set.records[0]), 1)
     }
 }
