@@ -9,8 +9,8 @@ x-gateway-destination-endpoint and the filter's `metadata_options.receiving_name
 ["envoy.lb"]`. Everything binds 127.0.0.1; the picker cluster is plaintext h2c.
 
 With pool_endpoints (render() only) the gateway routes instead to a STATIC cluster of those endpoints
-whose load balancer is Envoy's override_host policy, as Envoy Gateway configures it for an
-InferencePool: it reads the picker's comma-separated list (first the picked endpoint, then fallbacks)
+whose load balancer is Envoy's override_host policy (the one Envoy documents for endpoint pickers):
+it reads the picker's comma-separated list (first the picked endpoint, then fallbacks)
 from the envoy.lb metadata, retries go down the list, and the endpoint that served is written back
 to envoy.lb / x-gateway-destination-endpoint-served, which the ext_proc filter forwards to the picker
 with the response (metadata_options.forwarding_namespaces).

@@ -241,7 +241,7 @@ def test_routing_by_dynamic_metadata_only(gateway_factory):
 
 
 def test_fallback_endpoint_serves_when_the_first_is_down(gateway_factory, backends):
-    """Envoy's override_host load balancer (as Envoy Gateway configures it for an InferencePool) reads the picker's
+    """Envoy's override_host load balancer (the policy Envoy documents for endpoint pickers) reads the picker's
     comma-separated list: a request whose first endpoint refuses connections is retried on the second, and Envoy
     reports the endpoint that served (envoy.lb / x-gateway-destination-endpoint-served) back to the picker."""
     dead = f"127.0.0.4:{stack.free_port('127.0.0.4')}"  # nothing listens: connection refused
